@@ -1,0 +1,11 @@
+"""flowkern: fast Flower (flow-guided fine-tuning) losses for LLM recommenders.
+
+    trie = flowkern.Trie.build(item_token_ids, item_rewards, eos_token_id=198)
+    loss = flowkern.subtb_loss(logits, trie, tokens=trajectories)
+"""
+
+from flowkern.ops import NONTERMINAL_LOG_REWARD, modified_subtb_loss, sequence_log_probs, subtb_loss
+from flowkern.trie import Trie, TrieWalk
+
+__version__ = "0.1.0"
+__all__ = ["Trie", "TrieWalk", "subtb_loss", "modified_subtb_loss", "sequence_log_probs", "NONTERMINAL_LOG_REWARD"]

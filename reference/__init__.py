@@ -1,0 +1,1 @@
+"""Slow, obviously-correct implementations: the oracles tests compare flowkern against (not installed)."""

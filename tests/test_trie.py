@@ -1,0 +1,229 @@
+"""flowkern.Trie: the C++ builder against the dict-of-dicts oracle, persistence, walking."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flowkern
+from tests.strategies import catalogues, history_free_catalogue, movie_catalogue
+
+INT_ARRAYS = ["offsets", "tokens", "level_offsets", "leaf_nodes", "leaf_item_offsets", "leaf_items", "item_leaf"]
+
+
+def assert_same_trie(trie, expected):
+    for name in INT_ARRAYS:
+        assert getattr(trie, name).tolist() == expected[name], name
+    np.testing.assert_allclose(trie.log_flow.numpy(), expected["log_flow"], rtol=1e-12, atol=1e-12)
+    assert trie.log_z == pytest.approx(expected["log_z"], rel=1e-12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(catalogues())
+def test_builder_matches_dict_trie(catalogue):
+    trie = catalogue.trie()
+    assert_same_trie(trie, catalogue.dict_trie().to_arrays())
+    assert trie.num_items == len(catalogue.sequences)
+    assert trie.depth == max(map(len, catalogue.sequences)) + 1
+    assert trie.min_depth == min(map(len, catalogue.sequences)) + 1
+    assert trie.children.tolist() == list(range(1, trie.num_nodes))
+    assert trie.item_rewards.tolist() == catalogue.rewards
+
+
+@pytest.mark.parametrize("catalogue, items, titles", [
+    (movie_catalogue, 2653, 2599),  # Movies_and_TV: some titles repeat across item ids
+    (lambda: history_free_catalogue("select_100_Movies.json"), 100, 100),
+    (lambda: history_free_catalogue("select_1500_Movies.json"), 1439, 1439),
+], ids=["movies_and_tv", "history_free_100", "history_free_1500"])
+def test_builder_matches_dict_trie_on_real_titles(catalogue, items, titles):
+    catalogue = catalogue()  # real Qwen2.5 ids
+    trie = catalogue.trie()
+    assert_same_trie(trie, catalogue.dict_trie().to_arrays())
+    assert trie.num_items == items and trie.leaf_nodes.numel() == titles
+
+
+@settings(max_examples=50, deadline=None)
+@given(catalogues())
+def test_ragged_input_matches_lists(catalogue):
+    flat = [token for sequence in catalogue.sequences for token in sequence]
+    offsets = np.cumsum([0] + [len(s) for s in catalogue.sequences])
+    ragged = flowkern.Trie.from_ragged(np.array(flat), offsets, catalogue.rewards, eos_token_id=catalogue.eos)
+    assert_same_trie(ragged, catalogue.dict_trie().to_arrays())
+
+
+def test_accepts_tuples_arrays_and_tensors_as_items():
+    expected = flowkern.Trie.build([[3, 1], [3]], eos_token_id=0)
+    for items in ([(3, 1), (3,)], [np.array([3, 1]), np.array([3], dtype=np.int16)],
+                  [torch.tensor([3, 1]), torch.tensor([3])]):
+        trie = flowkern.Trie.build(items, eos_token_id=0)
+        assert trie.tokens.tolist() == expected.tokens.tolist()
+
+
+def test_documented_layout_on_a_small_example():
+    # items: 0 "5 3", 1 "5", 2 "5 3" (same title as 0), 3 "7 1 2"; termination token 9
+    trie = flowkern.Trie.build([[5, 3], [5], [5, 3], [7, 1, 2]], [1.0, 2.0, 3.0, 4.0], eos_token_id=9)
+    assert trie.offsets.tolist() == [0, 2, 4, 5, 6, 6, 7, 7, 8, 8]
+    assert trie.tokens.tolist() == [5, 7, 3, 9, 1, 9, 2, 9]
+    assert trie.node_depth.tolist() == [0, 1, 1, 2, 2, 2, 3, 3, 4]
+    assert trie.item_leaf.tolist() == [6, 4, 6, 8]
+    flows = np.exp(trie.log_flow.numpy() + trie.log_z)
+    np.testing.assert_allclose(flows, [10, 6, 4, 4, 2, 4, 4, 4, 4])
+    assert (trie.num_nodes, trie.num_edges, trie.depth, trie.max_degree) == (9, 8, 4, 2)
+
+
+def test_save_load_roundtrip(tmp_path):
+    trie = movie_catalogue().trie()
+    trie.save(tmp_path / "movies.npz")
+    loaded = flowkern.Trie.load(tmp_path / "movies.npz")
+    for name in INT_ARRAYS + ["log_flow", "item_rewards"]:
+        assert torch.equal(getattr(loaded, name), getattr(trie, name)), name
+    assert (loaded.eos_token_id, loaded.log_z, loaded.max_token) == (trie.eos_token_id, trie.log_z, trie.max_token)
+
+
+def test_to_device_moves_every_array():
+    trie = flowkern.Trie.build([[1, 2], [1]], eos_token_id=0)
+    moved = trie.to("meta")
+    assert moved.device == torch.device("meta") and moved.log_flow.device == torch.device("meta")
+    assert trie.device == torch.device("cpu")
+    assert "num_items=2" in repr(trie)
+
+
+@st.composite
+def catalogue_and_rows(draw):
+    catalogue = draw(catalogues())
+    alphabet = max(max(map(max, catalogue.sequences)), catalogue.eos) + 2
+    token = st.integers(-1, alphabet)
+    rows = []
+    for _ in range(draw(st.integers(1, 5))):
+        if draw(st.booleans()):  # an item, possibly with one token changed
+            row = list(draw(st.sampled_from(catalogue.sequences))) + [catalogue.eos]
+            if draw(st.booleans()):
+                row[draw(st.integers(0, len(row) - 1))] = draw(token)
+        else:
+            row = draw(st.lists(token, min_size=1, max_size=8))
+        rows.append(row)
+    steps = max(map(len, rows)) + draw(st.integers(0, 2))
+    return catalogue, [row + [draw(token) for _ in range(steps - len(row))] for row in rows]
+
+
+@settings(max_examples=150, deadline=None)
+@given(catalogue_and_rows())
+def test_walk_matches_dict_trie(case):
+    catalogue, rows = case
+    trie = catalogue.trie()
+    walk = trie.walk(torch.tensor(rows))
+    oracle = catalogue.dict_trie()
+    for b, row in enumerate(rows):
+        states, log_rewards, length, item, left_at = oracle.walk(row)
+        steps = len(states) - 1
+        assert walk.length[b] == (-1 if length is None else length)
+        assert walk.item[b] == (-1 if item is None else item)
+        assert walk.left_at[b] == (-1 if left_at is None else left_at)
+        assert (walk.nodes[b, steps + 1:] == -1).all() and (walk.log_reward[b, steps:] == 0).all()
+        np.testing.assert_allclose(walk.log_reward[b, :steps].numpy(), log_rewards, rtol=1e-12, atol=1e-12)
+        flows = np.exp(trie.log_flow.numpy()[walk.nodes[b, : steps + 1].numpy()] + trie.log_z)
+        np.testing.assert_allclose(flows, [state.flow for state in states], rtol=1e-12)
+
+
+def test_build_releases_the_gil():
+    """A Python thread keeps running while a large trie is built in another thread."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 150_000, size=10_000_000, dtype=np.int32)
+    offsets = np.arange(0, tokens.size + 1, 20)
+    start = time.perf_counter()
+    flowkern.Trie.from_ragged(tokens, offsets, eos_token_id=0)
+    alone = time.perf_counter() - start
+
+    builder = threading.Thread(target=flowkern.Trie.from_ragged, args=(tokens, offsets), kwargs={"eos_token_id": 0})
+    ticks = [time.perf_counter()]
+    builder.start()
+    while builder.is_alive():
+        ticks.append(time.perf_counter())
+    builder.join()
+    longest_pause = max(np.diff(ticks), default=0.0)
+    assert alone > 0.1, "the build is too quick to tell whether the GIL was held"
+    assert longest_pause < alone / 2, f"the Python thread stalled {longest_pause:.3f}s of a {alone:.3f}s build"
+
+
+# ---- bad input: the error names the argument and what was expected -------------------
+
+@pytest.mark.parametrize("sequences, rewards, eos, error, message", [
+    ([], None, 0, ValueError, "sequences is empty: a trie needs at least one item"),
+    ([[1, 2], []], None, 0, ValueError, r"sequences\[1\] is empty: every item needs at least one token"),
+    ([[1, -4]], None, 0, ValueError, r"sequences\[0\]\[1\] = -4 is negative"),
+    ([[1, 7, 2]], None, 7, ValueError, r"sequences\[0\]\[1\] is the termination token \(eos_token_id = 7\)"),
+    ([[1, 2**31]], None, 0, ValueError, r"sequences\[0\]\[1\] does not fit in int32"),
+    ([[1, 2.5]], None, 0, TypeError, r"sequences\[0\]\[1\] is a float, not an integer token id"),
+    (["Aladdin"], None, 0, TypeError, r"sequences\[0\] is a string: tokenise titles"),
+    ([[1], 5], None, 0, TypeError, r"sequences\[1\] is a int, not a sequence of token ids"),
+    ("Aladdin", None, 0, TypeError, "sequences must be a list of token-id sequences, got str"),
+    ((s for s in [[1]]), None, 0, TypeError, "sequences must be a list of token-id sequences, got generator"),
+    ([[1], [2]], [1.0], 0, ValueError, r"rewards must hold one value per item \(2\), got shape \(1,\)"),
+    ([[1], [2]], [1.0, 0.0], 0, ValueError, r"rewards\[1\] = 0.000000: item rewards must be finite and > 0"),
+    ([[1], [2]], [-1.0, 1.0], 0, ValueError, r"rewards\[0\] = -1.000000: item rewards must be finite and > 0"),
+    ([[1], [2]], [float("nan"), 1.0], 0, ValueError, r"rewards\[0\] = nan: item rewards must be finite"),
+    ([[1], [2]], [1.0, float("inf")], 0, ValueError, r"rewards\[1\] = inf: item rewards must be finite"),
+    ([[1], [2]], [1e308, 1e308], 0, ValueError, "rewards: their sum overflows float64"),
+    ([[1], [2]], ["a", "b"], 0, TypeError, "rewards must be numbers"),
+    ([[1]], None, -1, ValueError, r"eos_token_id must be in \[0, 2\^31 - 1\], got -1"),
+    ([[1]], None, 2**31, ValueError, r"eos_token_id must be in \[0, 2\^31 - 1\], got 2147483648"),
+    ([[1]], None, 1.0, TypeError, "eos_token_id must be an int, got float"),
+])
+def test_build_rejects_bad_input(sequences, rewards, eos, error, message):
+    with pytest.raises(error, match=message):
+        flowkern.Trie.build(sequences, rewards, eos_token_id=eos)
+
+
+@pytest.mark.parametrize("tokens, offsets, error, message", [
+    ([1, 2, 3], [0, 2], ValueError, r"offsets\[-1\] must equal len\(tokens\) = 3, got 2"),
+    ([1, 2, 3], [1, 3], ValueError, r"offsets\[0\] must be 0, got 1"),
+    ([1, 2, 3], [0, 2, 1, 3], ValueError, r"offsets must be non-decreasing, but offsets\[2\] < offsets\[1\]"),
+    ([1, 2, 3], [0, 3, 3], ValueError, r"tokens\[1\] is empty"),
+    ([1, 2**40], [0, 2], ValueError, r"tokens must fit in int32"),
+    ([1.5, 2.0], [0, 2], TypeError, "tokens must be integers, got dtype float64"),
+    ([[1, 2]], [0, 2], ValueError, r"tokens must be one-dimensional, got shape \(1, 2\)"),
+    ([1, 2], [0.0, 2.0], TypeError, "offsets must be integers"),
+    ([], [], ValueError, "offsets must be one-dimensional with num_items \\+ 1 entries"),
+    ([], [0], ValueError, "tokens is empty: a trie needs at least one item"),
+])
+def test_from_ragged_rejects_bad_input(tokens, offsets, error, message):
+    with pytest.raises(error, match=message):
+        flowkern.Trie.from_ragged(tokens, offsets, eos_token_id=0)
+
+
+def test_load_rejects_files_that_are_not_tries(tmp_path):
+    trie = flowkern.Trie.build([[1, 2], [1]], eos_token_id=0)
+    trie.save(tmp_path / "good.npz")
+    arrays = dict(np.load(tmp_path / "good.npz"))
+
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="is not a flowkern trie file"):
+        flowkern.Trie.load(tmp_path / "other.npz")
+    np.savez(tmp_path / "future.npz", **dict(arrays, format_version=np.int64(99)))
+    with pytest.raises(ValueError, match="has trie format version 99; this flowkern reads version 1"):
+        flowkern.Trie.load(tmp_path / "future.npz")
+    np.savez(tmp_path / "partial.npz", **{k: v for k, v in arrays.items() if k != "log_flow"})
+    with pytest.raises(ValueError, match=r"is missing trie arrays \['log_flow'\]"):
+        flowkern.Trie.load(tmp_path / "partial.npz")
+    np.savez(tmp_path / "broken.npz", **dict(arrays, item_leaf=np.array([1, 99], dtype=np.int32)))
+    with pytest.raises(ValueError, match="does not hold a consistent trie: expected leaf and item ids in range"):
+        flowkern.Trie.load(tmp_path / "broken.npz")
+    np.savez(tmp_path / "pickled.npz", **dict(arrays, tokens=np.array([[1], "x"], dtype=object)))
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        flowkern.Trie.load(tmp_path / "pickled.npz")
+
+
+@pytest.mark.parametrize("tokens, error, message", [
+    ([[1, 0]], TypeError, r"tokens must be a \(B, T\) tensor of token ids, got a list"),
+    (torch.tensor([1, 0]), ValueError, r"tokens must be a \(B, T\) tensor of token ids, got a torch.int64 tensor of shape \(2,\)"),
+    (torch.tensor([[1.0, 0.0]]), TypeError, "tokens must be an integer tensor, got torch.float32"),
+    (torch.tensor([[1, 0]], device="meta"), ValueError, "tokens are on meta but the trie is on cpu"),
+])
+def test_walk_rejects_bad_input(tokens, error, message):
+    with pytest.raises(error, match=message):
+        flowkern.Trie.build([[1, 2], [1]], eos_token_id=0).walk(tokens)
+

@@ -4,8 +4,12 @@
     loss = flowkern.subtb_loss(logits, trie, tokens=trajectories)
 """
 
+from flowkern.generation import (Children, Recommendations, Samples, TrieLogitsProcessor, children_logits,
+                                 mask_logits, recommend, sample)
 from flowkern.ops import NONTERMINAL_LOG_REWARD, modified_subtb_loss, sequence_log_probs, subtb_loss
 from flowkern.trie import Trie, TrieWalk
 
 __version__ = "0.1.0"
-__all__ = ["Trie", "TrieWalk", "subtb_loss", "modified_subtb_loss", "sequence_log_probs", "NONTERMINAL_LOG_REWARD"]
+__all__ = ["Trie", "TrieWalk", "subtb_loss", "modified_subtb_loss", "sequence_log_probs", "NONTERMINAL_LOG_REWARD",
+           "sample", "Samples", "recommend", "Recommendations", "mask_logits", "children_logits", "Children",
+           "TrieLogitsProcessor"]

@@ -31,3 +31,8 @@ def check_number(name: str, value, positive: bool) -> None:
             or (positive and not value > 0):
         expected = "a finite number > 0" if positive else "a finite number"
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

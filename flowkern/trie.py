@@ -208,7 +208,7 @@ class Trie:
             active = found & ~ended
             node = torch.where(found, child, 0)
         leaf = nodes.gather(1, (length + 1).clamp(min=0)[:, None])[:, 0]
-        item = torch.where(length >= 0, self._canonical_item(leaf), -1)
+        item = torch.where(length >= 0, self.leaf_item(leaf), -1)
         return TrieWalk(nodes, log_reward, length, item, left_at)
 
     def _child(self, node: torch.Tensor, token: torch.Tensor):
@@ -226,8 +226,8 @@ class Trie:
         found = (lo < end) & (self.tokens[edge] == token)
         return edge + 1, found
 
-    def _canonical_item(self, leaf: torch.Tensor) -> torch.Tensor:
-        """Smallest item id of each leaf node (arbitrary for non-leaves)."""
+    def leaf_item(self, leaf: torch.Tensor) -> torch.Tensor:
+        """The canonical (smallest) item id of each leaf node; arbitrary for other nodes."""
         k = torch.searchsorted(self.leaf_nodes, leaf.to(self.leaf_nodes.dtype))
         k = k.clamp(max=self.leaf_nodes.numel() - 1)
         return self.leaf_items[self.leaf_item_offsets[k]].long()

@@ -100,3 +100,13 @@ def history_free_catalogue(name):
     with open(os.path.join(DATA, "history_free", name)) as f:
         counts = json.load(f)
     return Catalogue([ids[t] for t in counts], [float(c) for c in counts.values()], 198)
+
+
+def tiny_qwen2(vocab, seed=0):
+    """A freshly initialised two-layer Qwen2 causal LM (no download), in eval mode."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return Qwen2ForCausalLM(config).eval()

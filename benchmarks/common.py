@@ -1,0 +1,57 @@
+"""Timing and reporting shared by the benchmarks: every figure comes from one run that
+times the alternatives side by side on the same inputs, and is reported with the machine,
+the library versions and the git commit."""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def time_call(fn, repeats=10, warmup=2):
+    """Median, min and max wall time of fn() in seconds (CUDA synchronised when present)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+
+
+def environment():
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "commit": commit}
+
+
+def markdown_table(rows, columns):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name, title, env, rows, columns, notes=""):
+    """Write results/<name>.md and .json and print the table."""
+    table = markdown_table(rows, columns)
+    text = f"# {title}\n\n{env['date']}, {env['device']}, torch {env['torch']} ({env['threads']} threads), " \
+           f"commit {env['commit']}\n\n{table}\n\n{notes}".rstrip() + "\n"
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    print(text)

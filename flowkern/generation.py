@@ -1,0 +1,327 @@
+"""Trie-constrained decoding: every sampled or recommended sequence is an item.
+
+At a trie node s the model may only emit a child token of s; the constrained policy is
+π(c | s) = softmax over the children of the logits (flowkern's `normalize="trie"`).
+
+  mask_logits        logits with every non-child set to −inf (one vectorised CSR scatter)
+  children_logits    only the children's logits, tokens and nodes, padded to the widest row
+  sample             ancestral sampling of rollouts with a KV cache, per-row temperature
+  recommend          beam search for the top-K items by sequence log-probability
+  TrieLogitsProcessor  the same constraint for Hugging Face `model.generate`
+"""
+
+import inspect
+from typing import NamedTuple, Optional
+
+import torch
+
+from flowkern._checks import check_count, check_number, describe
+from flowkern.trie import Trie
+
+try:
+    from transformers import LogitsProcessor
+except ImportError:  # generation works without transformers; only TrieLogitsProcessor needs it
+    LogitsProcessor = object
+
+
+class Children(NamedTuple):
+    """The children of one node per row, padded to the widest row (B, D)."""
+
+    logits: torch.Tensor  # the rows' logits at the children, −inf in padding
+    tokens: torch.Tensor  # child token ids, the termination token in padding
+    nodes: torch.Tensor   # child node ids, 0 in padding
+
+
+def children_logits(logits: torch.Tensor, nodes: torch.Tensor, trie: Trie) -> Children:
+    """Gather the logits of the children of `nodes[b]` from `logits[b]` (B, V); children
+    are in ascending token order.  Reads Σ_b deg(nodes[b]) logits, nothing else.  A leaf
+    (no children) gives a row of −inf."""
+    _check_step(logits, nodes, trie)
+    start = trie.offsets[nodes]
+    degree = trie.offsets[nodes + 1] - start
+    width = max(int(degree.max()), 1) if nodes.numel() else 1
+    slot = torch.arange(width, device=nodes.device)
+    present = slot < degree[:, None]
+    edges = torch.where(present, start[:, None] + slot, 0)
+    tokens = torch.where(present, trie.tokens[edges].long(), trie.eos_token_id)
+    values = logits.gather(1, tokens).masked_fill(~present, float("-inf"))
+    return Children(values, tokens, torch.where(present, edges + 1, 0))
+
+
+def mask_logits(logits: torch.Tensor, nodes: torch.Tensor, trie: Trie, *, inplace: bool = False) -> torch.Tensor:
+    """`logits` (B, V) with every token that is not a child of `nodes[b]` set to −inf, padded
+    vocabulary columns included.  `inplace=True` writes into `logits` and returns it."""
+    _check_step(logits, nodes, trie)
+    start = trie.offsets[nodes]
+    degree = trie.offsets[nodes + 1] - start
+    row = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), degree)
+    first = torch.cumsum(degree, 0) - degree
+    edges = torch.arange(row.numel(), device=nodes.device) - first[row] + start[row]
+    columns = trie.tokens[edges].long()
+    kept = logits[row, columns]
+    out = logits.fill_(float("-inf")) if inplace else torch.full_like(logits, float("-inf"))
+    out[row, columns] = kept
+    return out
+
+
+class Samples(NamedTuple):
+    """Rollouts from `sample`, one row per (prompt, sample), prompt-major."""
+
+    tokens: torch.Tensor     # (R, T) int64: the item's tokens and the termination token, then termination tokens
+    lengths: torch.Tensor    # (R,) tokens per row, termination token included
+    items: torch.Tensor      # (R,) item id of the leaf reached (the smallest id if items share a title)
+    log_probs: Optional[torch.Tensor]  # (R, T) log-probability of each sampled token under the
+    #                                    distribution it was drawn from (tempered, trie-masked); 0 after the end
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, trie: Trie, num_samples: int = 1, temperature=1.0, max_len: Optional[int] = None, *,
+           generator: Optional[torch.Generator] = None, return_log_probs: bool = False) -> Samples:
+    """Draw `num_samples` items per prompt from the trie-constrained policy of `model`, token
+    by token with the model's KV cache, each row stopping at its termination token.
+
+    model:       a Hugging Face causal LM (any module with the same call signature); it runs as
+                 it is, so call `model.eval()` first to sample without dropout.
+    prompt_ids:  a list of token-id sequences (ragged; left-padded here) or a (P, S) tensor.
+    temperature: a number or a (P · num_samples,) tensor, one per row: the children's logits
+                 are divided by it before the softmax.
+    max_len:     the most tokens a row may take, termination included; default and minimum:
+                 `trie.depth`, so that every item fits.
+    """
+    decoder = _Decoder(model, prompt_ids, trie)
+    check_count("num_samples", num_samples)
+    rows = decoder.batch * num_samples
+    temperature = _row_values("temperature", temperature, rows, decoder.device)
+    max_len = trie.depth if max_len is None else max_len
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < trie.depth:
+        raise ValueError(f"max_len must be an int >= {trie.depth} (the deepest item with its termination token), "
+                         f"got {max_len!r}")
+    decoder.repeat(num_samples)
+    eos = trie.eos_token_id
+    tokens = torch.full((rows, max_len), eos, dtype=torch.long, device=decoder.device)
+    log_probs = torch.zeros(rows, max_len, device=decoder.device)
+    node = torch.zeros(rows, dtype=torch.long, device=decoder.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=decoder.device)
+    steps = 0
+    for t in range(max_len):
+        children = children_logits(decoder.logits, node, trie)
+        policy = torch.log_softmax(children.logits.float() / temperature[:, None], dim=-1)
+        pick = torch.multinomial(policy.exp(), 1, generator=generator)
+        token = torch.where(done, eos, children.tokens.gather(1, pick)[:, 0])
+        tokens[:, t] = token
+        log_probs[:, t] = torch.where(done, 0.0, policy.gather(1, pick)[:, 0])
+        done |= token == eos
+        node = torch.where(done, 0, children.nodes.gather(1, pick)[:, 0])
+        steps = t + 1
+        if bool(done.all()):
+            break
+        decoder.step(token)
+    tokens, log_probs = tokens[:, :steps], log_probs[:, :steps]
+    walk = trie.walk(tokens)
+    return Samples(tokens, walk.length + 1, walk.item, log_probs if return_log_probs else None)
+
+
+class Recommendations(NamedTuple):
+    """Top-K items per prompt from `recommend`, best first."""
+
+    items: torch.Tensor    # (P, K) item ids (the smallest id if items share a title), −1 where fewer exist
+    scores: torch.Tensor   # (P, K) sequence log-probabilities under the trie policy, −inf where fewer exist
+    titles: Optional[list]  # titles[p][j] of items[p, j] when `titles` was given
+
+
+@torch.no_grad()
+def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional[int] = None, titles=None,
+              length_normalize: bool = False) -> Recommendations:
+    """The K best distinct items for each prompt by beam search under the trie-constrained
+    policy, ranked by sequence log-probability Σ_t log π_t (termination token included).
+
+    num_beams:        partial titles kept per prompt and step (default k).  Every completed
+                      item is kept, and the search stops once no partial title can beat the
+                      K-th completed one, so with num_beams ≥ the number of items the result
+                      is the exact top-K.
+    length_normalize: rank by log-probability per token instead (D3 found this hurts
+                      recommendation, so it is off by default); scores stay unnormalised.
+    titles:           a sequence of item titles indexed by item id, to return them too.
+    """
+    decoder = _Decoder(model, prompt_ids, trie)
+    check_count("k", k)
+    if k > trie.num_items:
+        raise ValueError(f"k = {k} exceeds the number of items ({trie.num_items})")
+    beams = k if num_beams is None else num_beams
+    check_count("num_beams", beams)
+    if titles is not None and len(titles) != trie.num_items:
+        raise ValueError(f"titles must hold one title per item ({trie.num_items}), got {len(titles)}")
+    prompts, device, eos = decoder.batch, decoder.device, trie.eos_token_id
+    decoder.repeat(beams)
+    score = torch.full((prompts, beams), float("-inf"), device=device)
+    score[:, 0] = 0.0  # the beams start identical: expand only one of them
+    node = torch.zeros(prompts * beams, dtype=torch.long, device=device)
+    best_key = torch.full((prompts, k), float("-inf"), device=device)  # the K best completed items so far
+    best_score = best_key.clone()
+    best_leaf = torch.zeros(prompts, k, dtype=torch.long, device=device)
+    for t in range(trie.depth):
+        children = children_logits(decoder.logits, node, trie)
+        width = children.tokens.shape[1]
+        candidate = (score.view(-1, 1) + torch.log_softmax(children.logits.float(), -1)).view(prompts, -1)
+        ends = (children.tokens == eos).view(prompts, -1)
+        completed = torch.where(ends, candidate, float("-inf"))
+        key = completed / (t + 1) if length_normalize else completed
+        best_key, order = torch.cat([best_key, key], 1).topk(k, dim=1)
+        best_score = torch.cat([best_score, completed], 1).gather(1, order)
+        best_leaf = torch.cat([best_leaf, children.nodes.view(prompts, -1)], 1).gather(1, order)
+
+        score, pick = torch.where(ends, float("-inf"), candidate).topk(min(beams, candidate.shape[1]), dim=1)
+        if score.shape[1] < beams:
+            score = torch.cat([score, score.new_full((prompts, beams - score.shape[1]), float("-inf"))], 1)
+            pick = torch.cat([pick, pick.new_zeros((prompts, beams - pick.shape[1]))], 1)
+        beaten = score[:, 0] <= (best_key[:, -1] if not length_normalize else float("-inf"))
+        if bool((beaten | (score[:, 0] == float("-inf"))).all()):
+            break
+        source = (torch.arange(prompts, device=device)[:, None] * beams + pick // width).view(-1)
+        flat = source * width + (pick % width).view(-1)
+        node = torch.where(score.view(-1) > float("-inf"), children.nodes.view(-1)[flat], 0)  # dead beams: root
+        decoder.select(source)
+        decoder.step(children.tokens.view(-1)[flat])
+    found = best_key > float("-inf")
+    items = torch.where(found, trie.leaf_item(best_leaf), -1)
+    names = None if titles is None else [[titles[i] for i in row if i >= 0] for row in items.tolist()]
+    return Recommendations(items, torch.where(found, best_score, float("-inf")), names)
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """Constrain Hugging Face `model.generate` to the items of a trie.
+
+        processor = TrieLogitsProcessor(trie, prompt_length=input_ids.shape[1])
+        model.generate(input_ids, logits_processor=[processor], ...)
+
+    Each call walks the tokens generated after `prompt_length` (the padded prompt width) to
+    their trie node and returns the scores renormalised over that node's children, −inf
+    elsewhere: log π of the trie policy.  With sampling this equals `sample`; with beam
+    search and `length_penalty=0` the beams are ranked as in `recommend`.  Rows that have
+    finished an item may only repeat the termination token (or `pad_token_id`)."""
+
+    def __init__(self, trie: Trie, prompt_length: int, pad_token_id: Optional[int] = None):
+        if not isinstance(trie, Trie):
+            raise TypeError(f"trie must be a flowkern.Trie, got {type(trie).__name__}")
+        check_count("prompt_length", prompt_length)
+        self.trie, self.prompt_length, self.pad_token_id = trie, prompt_length, pad_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_length:]
+        walk = self.trie.walk(generated)
+        node = walk.nodes[:, -1]
+        finished = (walk.length >= 0) | (node < 0)  # ended an item, or left the trie
+        masked = mask_logits(scores, torch.where(finished, 0, node), self.trie)
+        allowed = masked - torch.logsumexp(masked, dim=-1, keepdim=True)
+        ended = torch.full_like(scores, float("-inf"))
+        for token in {self.trie.eos_token_id, self.pad_token_id} - {None}:
+            ended[:, token] = 0.0
+        return torch.where(finished[:, None], ended, allowed)
+
+
+class _Decoder:
+    """A batch of prompts decoded in step with a KV cache: `logits` holds each row's
+    next-token logits (B, V); `step` appends one token per row."""
+
+    def __init__(self, model, prompt_ids, trie):
+        if not isinstance(trie, Trie):
+            raise TypeError(f"trie must be a flowkern.Trie, got {type(trie).__name__}")
+        self.model = model
+        self.device = _model_device(model)
+        if trie.device != self.device:
+            raise ValueError(f"trie is on {trie.device} but the model is on {self.device}: use trie.to({self.device!r})")
+        input_ids, self.attention_mask = _left_pad(prompt_ids, self.device)
+        self.batch = input_ids.shape[0]
+        forward = inspect.signature((model.get_base_model() if hasattr(model, "get_base_model") else model).forward)
+        self.cache_keyword = "cache" if "cache" in forward.parameters else "past_key_values"
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward.parameters else {}
+        self.cache = _new_cache()
+        self.positions = self.attention_mask.sum(1)
+        self.logits = self._run(input_ids, (self.attention_mask.cumsum(1) - 1).clamp(min=0))
+        vocab = self.logits.shape[-1]
+        if trie.max_token >= vocab:
+            raise ValueError(f"the model's logits have V = {vocab} columns but the trie holds token id "
+                             f"{trie.max_token}")
+
+    def repeat(self, times: int) -> None:
+        """Every row `times` times in a row (prompt-major)."""
+        self.select(torch.arange(self.logits.shape[0], device=self.device).repeat_interleave(times))
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.reorder_cache(rows)
+        self.attention_mask, self.positions, self.logits = (
+            self.attention_mask[rows], self.positions[rows], self.logits[rows])
+
+    def step(self, tokens: torch.Tensor) -> None:
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(tokens), 1)], 1)
+        self.logits = self._run(tokens[:, None], self.positions[:, None])
+        self.positions = self.positions + 1
+
+    def _run(self, input_ids, position_ids):
+        out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
+                         use_cache=True, **{self.cache_keyword: self.cache}, **self.keep_last)
+        return out.logits[:, -1]
+
+
+def _new_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _model_device(model) -> torch.device:
+    parameter = next(iter(model.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _left_pad(prompt_ids, device):
+    """(input_ids, attention_mask), both (P, S), prompts aligned to the right."""
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() != 2 or prompt_ids.dtype.is_floating_point or prompt_ids.shape[1] == 0:
+            raise ValueError(f"prompt_ids must be a (P, S) integer tensor with S >= 1 or a list of token-id "
+                             f"sequences, got {describe(prompt_ids)}")
+        prompts = prompt_ids.to(device, torch.long)
+        return prompts, torch.ones_like(prompts)
+    if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__") or len(prompt_ids) == 0:
+        raise ValueError(f"prompt_ids must be a non-empty list of token-id sequences or a (P, S) tensor, "
+                         f"got {describe(prompt_ids)}")
+    rows = [torch.as_tensor(p, dtype=torch.long).view(-1) for p in prompt_ids]
+    if any(row.numel() == 0 for row in rows):
+        raise ValueError("prompt_ids: every prompt needs at least one token")
+    width = max(row.numel() for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - row.numel():] = row
+        attention_mask[i, width - row.numel():] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _row_values(name, value, rows, device):
+    """A number or a (rows,) tensor of finite positive values, as a float32 (rows,) tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.shape != (rows,):
+            raise ValueError(f"{name} must be a number or a ({rows},) tensor (one per row), got shape "
+                             f"{tuple(value.shape)}")
+        if not bool((torch.isfinite(value) & (value > 0)).all()):
+            raise ValueError(f"{name} must be finite and > 0, got {value.tolist()}")
+        return value.to(device, torch.float32)
+    check_number(name, value, positive=True)
+    return torch.full((rows,), float(value), device=device)
+
+
+def _check_step(logits, nodes, trie):
+    if not isinstance(trie, Trie):
+        raise TypeError(f"trie must be a flowkern.Trie, got {type(trie).__name__}")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a (B, V) tensor, got {describe(logits)}")
+    if not isinstance(nodes, torch.Tensor) or nodes.shape != logits.shape[:1] or nodes.dtype != torch.long:
+        raise ValueError(f"nodes must be a ({logits.shape[0]},) int64 tensor of trie node ids, got {describe(nodes)}")
+    if logits.device != trie.device or nodes.device != trie.device:
+        raise ValueError(f"logits ({logits.device}), nodes ({nodes.device}) and trie ({trie.device}) must share a "
+                         f"device")
+    if trie.max_token >= logits.shape[1]:
+        raise ValueError(f"logits have V = {logits.shape[1]} columns but the trie holds token id {trie.max_token}")
+    if nodes.numel() and not (0 <= int(nodes.min()) and int(nodes.max()) < trie.num_nodes):
+        raise ValueError(f"nodes must be trie node ids in [0, {trie.num_nodes - 1}], got values in "
+                         f"[{int(nodes.min())}, {int(nodes.max())}]")

@@ -1,0 +1,13 @@
+"""The benchmark scripts run (quick mode: small sizes, nothing written); timings are not tested."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_generation_benchmark_runs():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "bench_generation.py"), "--quick"], capture_output=True,
+                         text=True, check=True, timeout=600).stdout
+    assert "flowkern.children_logits + sample" in out

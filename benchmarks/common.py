@@ -31,8 +31,9 @@ def time_call(fn, repeats=10, warmup=2):
 
 
 def environment():
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD") + ("+uncommitted changes" if git("status", "--porcelain", "--", "..", ":!results") else "")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(), "commit": commit}

@@ -20,20 +20,25 @@ and the same pair sum over states 0 .. L.
 reduction="mean" divides Σ_b loss_b by Σ_b Σ_{m<n} λ^(n−m−1), the published normalisation.
 """
 
+import os
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 
+from flowkern import eager
 from flowkern._checks import check_choice, check_number, check_token_tensor, describe
-from flowkern.policy import full_log_probs, trie_log_probs
-from flowkern.trie import Trie
-
-NONTERMINAL_LOG_REWARD = -15.0  # c_k of the Flower form: log reward of stopping before the leaf
+from flowkern.eager import NONTERMINAL_LOG_REWARD
+from flowkern.policy import compute_dtype, full_log_probs, trie_log_softmax
+from flowkern.trie import _ARRAYS, Trie
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "FLOWKERN_BACKEND"
 
 
 def subtb_loss(logits, trie, rewards=None, *, tokens, lam=1.0, normalize=None, form="process",
-               pref_mode="div", pref_weight=1.0, reduction="mean", on_invalid="error"):
+               pref_mode="div", pref_weight=1.0, reduction="mean", on_invalid="error", backend="auto",
+               inplace_grad=False):
     """Flower's SubTB loss of the trajectories `tokens` (B, T) under `logits` (B, T, V).
 
     logits:     float16/bfloat16/float32/float64, any strides; logits[b, t] is the
@@ -51,21 +56,27 @@ def subtb_loss(logits, trie, rewards=None, *, tokens, lam=1.0, normalize=None, f
     on_invalid: "error", or "ignore" to drop trajectories that leave the trie or never
                 terminate (they add nothing to the loss or to the normaliser; a batch with
                 none left gives 0).
+    backend:    "auto" (the FLOWKERN_BACKEND environment variable if set, else Triton
+                kernels for CUDA tensors and vectorised PyTorch otherwise), "torch" or
+                "triton" (on CPU tensors only under the Triton interpreter, TRITON_INTERPRET=1).
+    inplace_grad: compute the gradient during the forward pass into the storage of
+                `logits`, which the caller then must not read again: training then holds
+                one B×T×V buffer, not two.  Acts only when a gradient is needed; runs
+                outside torch.compile graphs.
     Returns a float32 loss (float64 for float64 logits), differentiable w.r.t. logits.
     """
     normalize = _check_options(lam, normalize, form, pref_mode, pref_weight, reduction, on_invalid)
+    check_choice("backend", backend, BACKENDS)
+    if not isinstance(inplace_grad, bool):
+        raise TypeError(f"inplace_grad must be a bool, got {describe(inplace_grad)}")
     _check_inputs(logits, tokens, trie)
-    walk = trie.walk(tokens)
-    _check_trajectories(walk, tokens, logits.shape[-1], trie.eos_token_id, on_invalid)
-    length = walk.length  # −1 for a dropped trajectory: it then has at most one state, so no pairs
-    log_r = _personalised_log_rewards(walk.log_reward, walk.item, length, rewards, pref_mode, pref_weight,
-                                      trie.num_items)
-    if form == "process":
-        (log_pi,) = _taken_log_probs(logits, trie, tokens, walk, length, normalize, termination=False)
-        return _subtrajectory_balance(log_pi - log_r.to(log_pi.dtype), length + 2, lam, reduction)
-    log_pf, log_pterm = _taken_log_probs(logits, trie, tokens, walk, length, "full", termination=True)
-    log_r_states = _flower_state_log_rewards(log_r, length).to(log_pf.dtype)
-    return _subtrajectory_balance(_modified_deltas(log_pf, log_pterm, log_r_states), length + 1, lam, reduction)
+    _check_rewards(rewards, tokens.shape[0], trie.num_items, logits.device)
+    options = (float(lam), form, normalize, pref_mode, float(pref_weight), on_invalid, backend)
+    if inplace_grad and logits.requires_grad and torch.is_grad_enabled():
+        return _subtb_loss_inplace_grad(logits, tokens, trie, rewards, options, reduction)
+    arrays, ints, log_z = _pack(trie)
+    loss, weight, *_ = torch.ops.flowkern.subtb_loss(logits, tokens, arrays, ints, log_z, rewards, *options)
+    return _reduce(loss, weight, reduction)
 
 
 def sequence_log_probs(logits, trie, *, tokens, normalize="trie"):
@@ -77,8 +88,13 @@ def sequence_log_probs(logits, trie, *, tokens, normalize="trie"):
     _check_inputs(logits, tokens, trie)
     walk = trie.walk(tokens)
     _check_trajectories(walk, tokens, logits.shape[-1], trie.eos_token_id, "error")
-    (log_pi,) = _taken_log_probs(logits, trie, tokens, walk, walk.length, normalize, termination=False)
-    return log_pi.sum(1)
+    b, t = eager.used_rows(walk.length, tokens.shape[1])
+    if normalize == "trie":
+        log_pi, _ = trie_log_softmax(logits, b, t, walk.nodes[b, t], walk.nodes[b, t + 1] - 1, trie)
+    else:
+        log_pi = full_log_probs(logits, b, t, tokens[b, t].long()[:, None])[:, 0]
+    _check_finite_log_probs(log_pi[:, None], b, t, tokens[b, t])
+    return torch.zeros(tokens.shape[0], dtype=log_pi.dtype, device=log_pi.device).index_add(0, b, log_pi)
 
 
 def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, *, reduction="mean"):
@@ -103,90 +119,185 @@ def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, *, reduction
     for name, value in pieces.items():
         if not bool(torch.isfinite(value[used]).all()):
             raise ValueError(f"{name} holds NaN or inf at a state the loss uses")
-    return _subtrajectory_balance(_modified_deltas(log_pf, log_pterm, log_r), lengths + 1, lam, reduction)
+    loss, weight = _PairSum.apply(eager.modified_deltas(log_pf, log_pterm, log_r), lengths + 1, lam)
+    return _reduce(loss, weight, reduction)
 
 
-def _taken_log_probs(logits, trie, tokens, walk, length, normalize, termination):
-    """log π_t of each taken token, and with `termination` also log π(termination) (full
-    softmax only), as (B, T) tensors that are 0 after each trajectory's end."""
-    batch, steps = tokens.shape
-    b, t = (torch.arange(steps, device=tokens.device) <= length[:, None]).nonzero(as_tuple=True)
-    taken = tokens[b, t].long()
-    if normalize == "trie":
-        log_probs = trie_log_probs(logits, b, t, walk.nodes[b, t], walk.nodes[b, t + 1] - 1, trie)[:, None]
-    else:
-        columns = [taken, torch.full_like(taken, trie.eos_token_id)] if termination else [taken]
-        log_probs = full_log_probs(logits, b, t, torch.stack(columns, dim=1))
-    _check_finite_log_probs(log_probs, b, t, taken)
-    empty = torch.zeros(batch, steps, dtype=log_probs.dtype, device=log_probs.device)
-    return [empty.index_put((b, t), column) for column in log_probs.unbind(1)]
+class _PairSum(torch.autograd.Function):
+    """(loss_b, weight_b) of eager.subtrajectory_balance, differentiable w.r.t. δ."""
+
+    @staticmethod
+    def forward(ctx, delta, num_states, lam):
+        loss, weight, grad = eager.subtrajectory_balance(delta, num_states, lam)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(weight)
+        return loss, weight
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss[:, None], None, None
 
 
-def _modified_deltas(log_pf, log_pterm, log_r):
-    return log_r[:, :-1] + log_pf[:, :-1] + log_pterm[:, 1:] - log_r[:, 1:] - log_pterm[:, :-1]
-
-
-def _subtrajectory_balance(delta, num_states, lam, reduction):
-    """Σ_{0≤m<n<K_b} λ^(n−m−1) (D_n − D_m)² per row, D_k = Σ_{t<k} δ_t, K_b = num_states[b]
-    (rows with K_b ≤ 1 add nothing); entries δ_t with t ≥ K_b − 1 are never read."""
-    batch, steps = delta.shape
-    k = torch.arange(steps + 1, device=delta.device)
-    delta = torch.where(k[:-1] < num_states[:, None] - 1, delta, 0.0)
-    cumulative = F.pad(delta.cumsum(1), (1, 0))
-    gap = k[None, :] - k[:, None]  # [m, n] -> n − m
-    decay = torch.pow(float(lam), (gap - 1).clamp(min=0).double()).to(delta.dtype)
-    pair_weight = torch.where(gap > 0, decay, 0.0) * (k < num_states[:, None])[:, None, :]
-    diff = cumulative[:, None, :] - cumulative[:, :, None]
-    per_trajectory = (pair_weight * diff.square()).sum((1, 2))
+def _reduce(loss, weight, reduction):
     if reduction == "none":
-        return per_trajectory
+        return loss
     if reduction == "sum":
-        return per_trajectory.sum()
-    return per_trajectory.sum() / pair_weight.sum().clamp(min=1.0)  # any trajectory weighs >= 1
+        return loss.sum()
+    return loss.sum() / weight.sum().clamp(min=1.0)  # any trajectory weighs >= 1
 
 
-def _flower_state_log_rewards(log_r, length):
-    """log_r[k] = Σ_{t<k} log r_t + c_k, c_k = −15 before the last state, log r_L at it."""
-    inclusive = log_r.cumsum(1)
-    k = torch.arange(log_r.shape[1], device=log_r.device)
-    return torch.where(k == length[:, None], inclusive, inclusive - log_r + NONTERMINAL_LOG_REWARD)
+# ---- the loss as a torch.library operator -------------------------------------------------
+# flowkern::subtb_loss takes the trie as its arrays and scalars and returns per trajectory
+# (loss_b, weight_b) plus what backward needs; the reduction happens outside, in plain torch.
+# Its checks that read data (trajectories, preferences, finite log π) run inside, so
+# torch.compile(fullgraph=True) sees one opaque call with a fake (meta) implementation.
+
+def _pack(trie):
+    arrays = [getattr(trie, name) for name in _ARRAYS]
+    return arrays, [trie.eos_token_id, trie.max_token, trie.max_degree, trie.min_depth], trie.log_z
 
 
-def _personalised_log_rewards(log_reward, item, length, rewards, pref_mode, pref_weight, num_items):
-    """Process rewards with the preference of each trajectory applied; 0 after its end."""
-    steps = log_reward.shape[1]
-    in_trajectory = torch.arange(steps, device=log_reward.device) <= length[:, None]
-    log_reward = torch.where(in_trajectory, log_reward, 0.0)
-    if rewards is None:
-        return log_reward
-    preference = _preference(rewards, item, length >= 0, num_items)
-    if pref_mode == "div":
-        return log_reward / preference[:, None]
-    return torch.where(in_trajectory, log_reward + pref_weight * preference.log()[:, None], 0.0)
+def _unpack(arrays, ints, log_z):
+    eos_token_id, max_token, max_degree, min_depth = ints
+    return Trie(*arrays, eos_token_id=eos_token_id, log_z=log_z, max_token=max_token, max_degree=max_degree,
+                min_depth=min_depth)
 
 
-def _preference(rewards, item, kept, num_items):
-    """p_b of each kept trajectory as float64 (1 for dropped ones), checked finite and > 0."""
-    batch = item.shape[0]
-    if not isinstance(rewards, torch.Tensor) or rewards.dtype == torch.bool or rewards.dtype.is_complex:
-        raise TypeError(f"rewards must be None or a real tensor of preference scores, got {describe(rewards)}")
-    if rewards.device != item.device:
-        raise ValueError(f"rewards are on {rewards.device} but logits are on {item.device}")
-    per_item = rewards.dim() == 2
-    if rewards.shape == (batch,):
-        preference = rewards
-    elif rewards.shape == (batch, num_items):
-        preference = rewards[torch.arange(batch, device=item.device), item.clamp(min=0)]
-    else:
-        raise ValueError(f"rewards must have shape (B,) = ({batch},) or (B, num_items) = ({batch}, {num_items}), "
-                         f"got {tuple(rewards.shape)}")
-    preference = torch.where(kept, preference.double(), 1.0)
-    bad = ~(torch.isfinite(preference) & (preference > 0))
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0])
-        where = f"rewards[{b}, {int(item[b])}] (trajectory {b}'s item)" if per_item else f"rewards[{b}]"
-        raise ValueError(f"{where} = {float(preference[b])}: preference scores must be finite and > 0")
-    return preference
+@torch.library.custom_op("flowkern::subtb_loss", mutates_args=())
+def _subtb_loss_op(logits: torch.Tensor, tokens: torch.Tensor, trie_arrays: list[torch.Tensor],
+                   trie_ints: list[int], log_z: float, rewards: Optional[torch.Tensor], lam: float, form: str,
+                   normalize: str, pref_mode: str, pref_weight: float, on_invalid: str,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    """(loss_b, weight_b, nodes, length, lse, g): see _forward."""
+    trie = _unpack(trie_arrays, trie_ints, log_z)
+    return _forward(logits, tokens, trie, rewards, (lam, form, normalize, pref_mode, pref_weight, on_invalid,
+                                                    backend))
+
+
+@_subtb_loss_op.register_fake
+def _(logits, tokens, trie_arrays, trie_ints, log_z, rewards, lam, form, normalize, pref_mode, pref_weight,
+      on_invalid, backend):
+    batch, steps = tokens.shape
+    dtype = compute_dtype(logits.dtype)
+    per_row = logits.new_empty((batch,), dtype=dtype)
+    return (per_row, torch.empty_like(per_row), tokens.new_empty((batch, steps + 1), dtype=torch.long),
+            tokens.new_empty((batch,), dtype=torch.long), logits.new_empty((batch, steps), dtype=dtype),
+            logits.new_empty((batch, steps), dtype=dtype))
+
+
+@torch.library.custom_op("flowkern::subtb_loss_backward", mutates_args=())
+def _subtb_loss_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
+                            trie_arrays: list[torch.Tensor], trie_ints: list[int], log_z: float,
+                            nodes: torch.Tensor, length: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                            form: str, normalize: str, backend: str) -> torch.Tensor:
+    """∂(Σ_b grad_loss_b · loss_b)/∂logits, a new (B, T, V) tensor of the logits' dtype."""
+    trie = _unpack(trie_arrays, trie_ints, log_z)
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backend(backend, logits.device).logits_grad(logits, tokens, nodes, length, trie, lse,
+                                                 g * grad_loss.to(g.dtype)[:, None], normalize,
+                                                 form == "flower", out)
+    return out
+
+
+@_subtb_loss_backward_op.register_fake
+def _(grad_loss, logits, tokens, trie_arrays, trie_ints, log_z, nodes, length, lse, g, form, normalize, backend):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, tokens, trie_arrays, trie_ints, log_z, _, _, form, normalize, _, _, _, backend = inputs
+    _, weight, nodes, length, lse, g = output
+    ctx.mark_non_differentiable(weight, lse, g)
+    ctx.save_for_backward(logits, tokens, nodes, length, lse, g, *trie_arrays)
+    ctx.options = (trie_ints, log_z, form, normalize, backend)
+
+
+def _backward(ctx, grad_loss, *_):
+    logits, tokens, nodes, length, lse, g, *trie_arrays = ctx.saved_tensors
+    trie_ints, log_z, form, normalize, backend = ctx.options
+    grad = torch.ops.flowkern.subtb_loss_backward(grad_loss, logits, tokens, trie_arrays, trie_ints, log_z, nodes,
+                                                  length, lse, g, form, normalize, backend)
+    return (grad, None, [None] * len(trie_arrays)) + (None,) * 10
+
+
+torch.library.register_autograd("flowkern::subtb_loss", _backward, setup_context=_setup_context)
+
+
+@torch.compiler.disable
+def _subtb_loss_inplace_grad(logits, tokens, trie, rewards, options, reduction):
+    return _InplaceGrad.apply(logits, tokens, trie, rewards, options, reduction)
+
+
+class _InplaceGrad(torch.autograd.Function):
+    """inplace_grad=True: forward writes the gradient of the reduced loss into the storage
+    of logits (after reading it); backward scales it by the upstream gradient unless that
+    is 1."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, trie, rewards, options, reduction):
+        loss, weight, nodes, length, lse, g = _forward(logits, tokens, trie, rewards, options)
+        reduced = _reduce(loss, weight, reduction)
+        scale = 1.0 / weight.sum().clamp(min=1.0) if reduction == "mean" else 1.0
+        normalize, backend = options[2], options[6]
+        _backend(backend, logits.device).logits_grad(logits, tokens, nodes, length, trie, lse, g * scale,
+                                                     normalize, options[1] == "flower", logits)
+        torch.autograd.graph.increment_version(logits)
+        ctx.grad, ctx.per_row = logits, reduction == "none"
+        return reduced
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad = ctx.grad
+        if not bool((grad_loss == 1).all()):
+            grad.mul_(grad_loss[:, None, None] if ctx.per_row else grad_loss)
+        return grad, None, None, None, None, None
+
+
+def _forward(logits, tokens, trie, rewards, options):
+    """Run the four stages on the chosen backend and check what they read: returns
+    (loss_b, weight_b, nodes, length, lse, g) with g = ∂loss_b/∂δ_t."""
+    lam, form, normalize, pref_mode, pref_weight, on_invalid, backend = options
+    stages = _backend(backend, logits.device)
+    walk, log_r, preference = stages.walk_rewards(tokens, trie, rewards, pref_mode, pref_weight)
+    flower = form == "flower"
+    log_pf, log_pterm, lse = stages.log_probs(logits, tokens, walk.nodes, walk.length, trie, normalize, flower)
+    loss, weight, g = stages.pair_sum(log_pf, log_pterm, log_r, walk.length, lam)
+    _check_read_values(walk, tokens, logits.shape[-1], trie, on_invalid, rewards, preference, log_pf, log_pterm)
+    return loss, weight, walk.nodes, walk.length, lse, g
+
+
+def _backend(name, device):
+    """The module of stages for backend `name` ("auto" resolved) on `device`."""
+    if name == "auto":
+        name = os.environ.get(BACKEND_ENV, "auto")
+        if name not in BACKENDS:
+            raise ValueError(f"the environment variable {BACKEND_ENV} must be one of {', '.join(BACKENDS)}; "
+                             f"got {name!r}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and _kernels(required=False) is not None else "torch"
+    if name == "torch":
+        return eager
+    kernels = _kernels(required=True)
+    if device.type == "cpu" and not kernels.INTERPRETED:
+        raise ValueError("backend='triton' on CPU tensors runs only under the Triton interpreter: set "
+                         "TRITON_INTERPRET=1 before flowkern's kernels are first used, or use backend='torch'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend='triton' runs on CUDA tensors (or CPU ones under the Triton interpreter), "
+                         f"not on {device.type}")
+    return kernels
+
+
+def _kernels(required):
+    """flowkern.kernels, imported on first use; None (or, if required, an error) without triton."""
+    try:
+        from flowkern import kernels
+    except ImportError as error:
+        if required:
+            raise ImportError(f"backend='triton' needs the triton package (pip install triton): {error}") from error
+        return None
+    return kernels
 
 
 def _check_options(lam, normalize, form, pref_mode, pref_weight, reduction, on_invalid):
@@ -257,3 +368,35 @@ def _check_finite_log_probs(log_probs, b, t, taken):
         raise ValueError(f"logits[{int(b[i])}, {int(t[i])}] give log-probabilities {log_probs[i].tolist()} "
                          f"(token {int(taken[i])}): the logits hold NaN/inf there or give the taken token "
                          f"zero probability")
+
+
+def _check_rewards(rewards, batch, num_items, device):
+    """Type, device and shape of the preference scores; their values are checked in the op."""
+    if rewards is None:
+        return
+    if not isinstance(rewards, torch.Tensor) or rewards.dtype == torch.bool or rewards.dtype.is_complex:
+        raise TypeError(f"rewards must be None or a real tensor of preference scores, got {describe(rewards)}")
+    if rewards.device != device:
+        raise ValueError(f"rewards are on {rewards.device} but logits are on {device}")
+    if rewards.shape != (batch,) and rewards.shape != (batch, num_items):
+        raise ValueError(f"rewards must have shape (B,) = ({batch},) or (B, num_items) = ({batch}, {num_items}), "
+                         f"got {tuple(rewards.shape)}")
+
+
+def _check_read_values(walk, tokens, vocab, trie, on_invalid, rewards, preference, log_pf, log_pterm):
+    """One device sync for every data-dependent check; on failure the first problem, in the
+    order trajectories, preferences, log-probabilities, is raised."""
+    invalid = walk.length < 0 if on_invalid == "error" else torch.zeros_like(walk.length, dtype=torch.bool)
+    bad_preference = ~(torch.isfinite(preference) & (preference > 0))
+    log_probs = torch.stack([log_pf] + ([log_pterm] if log_pterm is not None else []), -1)
+    used = torch.arange(tokens.shape[1], device=tokens.device) <= walk.length[:, None]
+    not_finite = used & ~torch.isfinite(log_probs).all(-1)
+    if not bool(torch.stack([invalid.any(), bad_preference.any(), not_finite.any()]).any()):
+        return
+    _check_trajectories(walk, tokens, vocab, trie.eos_token_id, on_invalid)
+    if bool(bad_preference.any()):
+        b = int(bad_preference.nonzero()[0])
+        where = f"rewards[{b}, {int(walk.item[b])}] (trajectory {b}'s item)" if rewards.dim() == 2 else f"rewards[{b}]"
+        raise ValueError(f"{where} = {float(preference[b])}: preference scores must be finite and > 0")
+    b, t = used.nonzero(as_tuple=True)
+    _check_finite_log_probs(log_probs[b, t], b, t, tokens[b, t])

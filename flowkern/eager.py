@@ -1,0 +1,120 @@
+"""The vectorised PyTorch path of subtb_loss (backend="torch"; every device, CPU by default).
+
+flowkern.ops runs the loss as four stages; this module and flowkern.kernels (Triton) each
+implement all four with the same arguments and results:
+
+  walk_rewards   trie walk + personalised process rewards log r_t (Eq. 10, Sec. 3.3.3)
+  log_probs      log π_t (and log π(termination) for the Flower form) and the log-normaliser
+  pair_sum       per trajectory the SubTB pair sum (Eq. 11) and its gradient g_t = ∂loss_b/∂δ_t
+  logits_grad    ∂/∂logits of Σ_{b,t} coefficient_{b,t}·δ_{b,t}, one row at a time
+
+Definitions of δ, the pair sum and the Flower form: flowkern/ops.py.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from flowkern.policy import full_log_softmax, full_log_softmax_grad, trie_log_softmax, trie_log_softmax_grad
+
+NONTERMINAL_LOG_REWARD = -15.0  # c_k of the Flower form: log reward of stopping before the leaf
+
+
+def walk_rewards(tokens, trie, rewards, pref_mode, pref_weight):
+    """(TrieWalk, personalised log r (B, T) float64 — 0 after each end —, preference p_b
+    (B,) float64 — 1 without rewards and for dropped rows — not yet checked)."""
+    walk = trie.walk(tokens)
+    steps = tokens.shape[1]
+    in_trajectory = torch.arange(steps, device=tokens.device) <= walk.length[:, None]
+    log_reward = torch.where(in_trajectory, walk.log_reward, 0.0)
+    if rewards is None:
+        return walk, log_reward, torch.ones(tokens.shape[0], dtype=torch.float64, device=tokens.device)
+    preference = rewards if rewards.dim() == 1 else \
+        rewards[torch.arange(tokens.shape[0], device=tokens.device), walk.item.clamp(min=0)]
+    preference = torch.where(walk.length >= 0, preference.double(), 1.0)
+    if pref_mode == "div":
+        return walk, log_reward / preference[:, None], preference
+    return walk, torch.where(in_trajectory, log_reward + pref_weight * preference.log()[:, None], 0.0), preference
+
+
+def used_rows(length, steps):
+    """(b, t) of every position the loss reads: t ≤ L_b."""
+    return (torch.arange(steps, device=length.device) <= length[:, None]).nonzero(as_tuple=True)
+
+
+def log_probs(logits, tokens, nodes, length, trie, normalize, flower):
+    """(log π_t, log π(termination) at s_t or None, lse_t), each (B, T) in the compute dtype
+    and 0 after each trajectory's end."""
+    b, t = used_rows(length, tokens.shape[1])
+    taken = tokens[b, t].long()
+    if normalize == "trie":
+        log_pi, lse = trie_log_softmax(logits, b, t, nodes[b, t], nodes[b, t + 1] - 1, trie)
+        columns = log_pi[:, None]
+    else:
+        cols = torch.stack([taken, torch.full_like(taken, trie.eos_token_id)], 1) if flower else taken[:, None]
+        columns, lse = full_log_softmax(logits, b, t, cols)
+    empty = torch.zeros(tokens.shape, dtype=lse.dtype, device=lse.device)
+    pieces = [empty.index_put((b, t), column) for column in columns.unbind(1)]
+    return pieces[0], pieces[1] if flower else None, empty.index_put((b, t), lse)
+
+
+def pair_sum(log_pf, log_pterm, log_r, length, lam):
+    """(loss_b, weight_b = Σ_{m<n} λ^(n−m−1), g = ∂loss_b/∂δ (B, T)) of each trajectory:
+    process form if log_pterm is None, else the Flower form."""
+    if log_pterm is None:
+        return subtrajectory_balance(log_pf - log_r.to(log_pf.dtype), length + 2, lam)
+    deltas = modified_deltas(log_pf, log_pterm, flower_state_log_rewards(log_r, length).to(log_pf.dtype))
+    loss, weight, grad = subtrajectory_balance(deltas, length + 1, lam)
+    return loss, weight, F.pad(grad, (0, 1))  # δ_k for k < T − 1
+
+
+def modified_deltas(log_pf, log_pterm, log_r):
+    return log_r[:, :-1] + log_pf[:, :-1] + log_pterm[:, 1:] - log_r[:, 1:] - log_pterm[:, :-1]
+
+
+def flower_state_log_rewards(log_r, length):
+    """log_r[k] = Σ_{t<k} log r_t + c_k, c_k = −15 before the last state, log r_L at it."""
+    inclusive = log_r.cumsum(1)
+    k = torch.arange(log_r.shape[1], device=log_r.device)
+    return torch.where(k == length[:, None], inclusive, inclusive - log_r + NONTERMINAL_LOG_REWARD)
+
+
+def subtrajectory_balance(delta, num_states, lam):
+    """Σ_{0≤m<n<K_b} λ^(n−m−1) (D_n − D_m)² per row, D_k = Σ_{t<k} δ_t, K_b = num_states[b]
+    (rows with K_b ≤ 1 add nothing), its pair weights and its gradient w.r.t. δ (0 at the
+    entries t ≥ K_b − 1, which are never read).  O(T²) per row, all rows at once."""
+    steps = delta.shape[1]
+    k = torch.arange(steps + 1, device=delta.device)
+    live = k[:-1] < num_states[:, None] - 1
+    cumulative = F.pad(torch.where(live, delta, 0.0).cumsum(1), (1, 0))
+    gap = k[None, :] - k[:, None]  # [m, n] -> n − m
+    decay = torch.pow(float(lam), (gap - 1).clamp(min=0).double()).to(delta.dtype)
+    pair_weight = torch.where(gap > 0, decay, 0.0) * (k < num_states[:, None])[:, None, :]
+    weighted_diff = pair_weight * (cumulative[:, None, :] - cumulative[:, :, None])
+    per_trajectory = (weighted_diff * (cumulative[:, None, :] - cumulative[:, :, None])).sum((1, 2))
+    grad_cumulative = 2 * (weighted_diff.sum(1) - weighted_diff.sum(2))  # ∂loss/∂D_k
+    grad = grad_cumulative[:, 1:].flip(1).cumsum(1).flip(1)  # g_t = Σ_{k>t} ∂loss/∂D_k
+    return per_trajectory, pair_weight.sum((1, 2)), torch.where(live, grad, 0.0)
+
+
+def logits_grad(logits, tokens, nodes, length, trie, lse, coefficient, normalize, flower, out):
+    """Write ∂/∂logits of Σ_{b,t} coefficient[b, t]·δ_{b,t} into `out` (B, T, V) — every
+    entry, 0 where the loss reads nothing; `out` may be `logits` itself.  δ_t holds +log π_t
+    (process form), or +log π(x_t) + log π_term(s_{t+1}) − log π_term(s_t) (Flower form), so
+    row t carries coefficient c_t on log π(x_t) and c_{t−1} − c_t on log π(termination)."""
+    steps = tokens.shape[1]
+    b, t = used_rows(length, steps)
+    if normalize == "trie":
+        trie_log_softmax_grad(logits, b, t, nodes[b, t], nodes[b, t + 1] - 1, trie, lse[b, t],
+                              coefficient[b, t], out)
+        return
+    taken = tokens[b, t].long()
+    if flower:
+        previous = F.pad(coefficient, (1, 0))[:, :-1]
+        cols = torch.stack([taken, torch.full_like(taken, trie.eos_token_id)], 1)
+        weights = torch.stack([coefficient[b, t], previous[b, t] - coefficient[b, t]], 1)
+    else:
+        cols, weights = taken[:, None], coefficient[b, t, None]
+    full_log_softmax_grad(logits, b, t, cols, lse[b, t], weights, out)
+    unused = (torch.arange(steps, device=tokens.device) > length[:, None]).nonzero(as_tuple=True)
+    out[unused] = 0
+

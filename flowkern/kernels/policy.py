@@ -1,0 +1,162 @@
+"""log π forward and its gradient over the logits (flowkern/policy.py is the PyTorch twin),
+one program per (b, t) row of the (B, T, V) logits, read through their strides.
+
+Forward, at state s_t with z = logits[b, t] and x = tokens[b, t]:
+  lse_t = log Σ exp z over all V columns ("full": one pass in blocks, online log-sum-exp in
+          float32 — float64 for float64 logits) or over the children of s_t only ("trie":
+          their tokens gathered from the CSR, nothing else of the row is read);
+  log π_t = z_x − lse_t, and for the Flower form log π(termination) = z_eos − lse_t.
+Backward, with c_t the row's coefficient on log π(x_t) and e_t = c_{t−1} − c_t the one on
+log π(termination) (Flower form, c_{−1} = 0):
+  grad[b, t, v] = c_t ([v = x] − p_v) + e_t ([v = eos] − p_v),  p = exp(z − lse_t),
+written once for every column: "full" streams the row; "trie" writes the children and
+zeroes the other columns, finding per block of columns the children inside it by binary
+search (children are sorted), so the row's other logits are never read.  Each entry is read before it is written by the same lane, so the gradient may be
+written over the logits themselves (inplace_grad).  Rows after a trajectory's end get 0.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from flowkern.kernels.walk import lower_bound
+from flowkern.policy import compute_dtype
+
+MAX_BLOCK = 4096  # columns per step of the streaming loops
+MAX_CHILD_BLOCK = 256  # children per step of the trie loops
+
+
+@triton.jit
+def _row(length_ptr, steps):
+    """(b, t, whether the loss reads row (b, t)) of this program."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // steps
+    t = row % steps
+    return b, t, t <= tl.load(length_ptr + b)
+
+
+@triton.jit
+def _children(nodes_ptr, offsets_ptr, b, t, steps, used):
+    """Edge range [start, end) of the children of s_t; empty for a row the loss does not read."""
+    node = tl.load(nodes_ptr + b * (steps + 1) + t, mask=used, other=0)
+    start = tl.load(offsets_ptr + node, mask=used, other=0)
+    end = tl.load(offsets_ptr + node + 1, mask=used, other=0)
+    return start, end
+
+
+@triton.jit
+def _lse_step(peak, total, z):
+    """Online log-sum-exp per lane: fold the block z into (peak, total·e^peak); NaN propagates."""
+    new_peak = tl.maximum(peak, z, propagate_nan=tl.PropagateNan.ALL)
+    rescale = tl.where(peak == new_peak, 1.0, tl.exp(peak - new_peak))
+    return new_peak, total * rescale + tl.where(z == float("-inf"), 0.0, tl.exp(z - new_peak))
+
+
+@triton.jit
+def _log_probs_kernel(logits_ptr, stride_lb, stride_lt, stride_lv, tokens_ptr, stride_tb, stride_tt, nodes_ptr,
+                      length_ptr, offsets_ptr, edge_tokens_ptr, log_pf_ptr, log_pterm_ptr, lse_ptr,
+                      steps, vocab, eos, TRIE: tl.constexpr, FLOWER: tl.constexpr, BLOCK: tl.constexpr,
+                      CHILD_BLOCK: tl.constexpr):
+    b, t, used = _row(length_ptr, steps)
+    row = logits_ptr + b * stride_lb + t * stride_lt
+    acc = lse_ptr.dtype.element_ty
+    if TRIE:
+        peak = tl.full((CHILD_BLOCK,), float("-inf"), acc)
+        total = tl.zeros((CHILD_BLOCK,), acc)
+        start, end = _children(nodes_ptr, offsets_ptr, b, t, steps, used)
+        for first in range(start, end, CHILD_BLOCK):
+            edge = first + tl.arange(0, CHILD_BLOCK)
+            column = tl.load(edge_tokens_ptr + edge, mask=edge < end, other=0).to(tl.int64)
+            z = tl.load(row + column * stride_lv, mask=edge < end, other=float("-inf")).to(acc)
+            peak, total = _lse_step(peak, total, z)
+    else:
+        peak = tl.full((BLOCK,), float("-inf"), acc)
+        total = tl.zeros((BLOCK,), acc)
+        for first in range(0, tl.where(used, vocab, 0), BLOCK):
+            column = first + tl.arange(0, BLOCK).to(tl.int64)
+            z = tl.load(row + column * stride_lv, mask=column < vocab, other=float("-inf")).to(acc)
+            peak, total = _lse_step(peak, total, z)
+    top = tl.max(peak, 0)
+    total = tl.sum(total * tl.where(peak == top, 1.0, tl.exp(peak - top)), 0)
+    lse = tl.where(used, top + tl.log(tl.where(used, total, 1.0)), 0.0)
+    token = tl.load(tokens_ptr + b * stride_tb + t * stride_tt, mask=used, other=0).to(tl.int64)
+    out = b * steps + t
+    tl.store(lse_ptr + out, lse)
+    tl.store(log_pf_ptr + out, tl.load(row + token * stride_lv, mask=used, other=0.0).to(acc) - lse)
+    if FLOWER:
+        tl.store(log_pterm_ptr + out, tl.load(row + eos * stride_lv, mask=used, other=0.0).to(acc) - lse)
+
+
+@triton.jit
+def _logits_grad_kernel(logits_ptr, stride_lb, stride_lt, stride_lv, out_ptr, stride_ob, stride_ot, stride_ov,
+                        tokens_ptr, stride_tb, stride_tt, nodes_ptr, length_ptr, offsets_ptr, edge_tokens_ptr,
+                        lse_ptr, coefficient_ptr, steps, vocab, eos, search_steps, TRIE: tl.constexpr, FLOWER: tl.constexpr,
+                        BLOCK: tl.constexpr, CHILD_BLOCK: tl.constexpr):
+    b, t, used = _row(length_ptr, steps)
+    row = logits_ptr + b * stride_lb + t * stride_lt
+    out_row = out_ptr + b * stride_ob + t * stride_ot
+    acc = lse_ptr.dtype.element_ty
+    here = b * steps + t
+    lse = tl.load(lse_ptr + here, mask=used, other=0.0)
+    taken = tl.load(coefficient_ptr + here, mask=used, other=0.0)
+    termination = tl.zeros((), acc)
+    if FLOWER:
+        termination = tl.load(coefficient_ptr + here - 1, mask=used & (t > 0), other=0.0) - taken
+    token = tl.load(tokens_ptr + b * stride_tb + t * stride_tt, mask=used, other=-1).to(tl.int64)
+    if TRIE:
+        start, end = _children(nodes_ptr, offsets_ptr, b, t, steps, used)
+        block_start = start  # children of the current column block: edges [block_start, block_end)
+        for first in range(0, vocab, BLOCK):
+            column = first + tl.arange(0, BLOCK).to(tl.int64)
+            block_end = lower_bound(edge_tokens_ptr, block_start, end, first + BLOCK, search_steps)
+            child = column < 0
+            if block_start < block_end:
+                edge = lower_bound(edge_tokens_ptr, block_start + 0 * column, block_end + 0 * column, column,
+                                    search_steps)
+                child = tl.load(edge_tokens_ptr + edge, mask=edge < block_end, other=-1).to(tl.int64) == column
+            tl.store(out_row + column * stride_ov, tl.zeros((BLOCK,), out_ptr.dtype.element_ty),
+                     mask=(column < vocab) & ~child)
+            block_start = block_end
+        for first in range(start, end, CHILD_BLOCK):
+            edge = first + tl.arange(0, CHILD_BLOCK)
+            column = tl.load(edge_tokens_ptr + edge, mask=edge < end, other=0).to(tl.int64)
+            z = tl.load(row + column * stride_lv, mask=edge < end, other=float("-inf")).to(acc)
+            grad = taken * ((column == token).to(acc) - tl.exp(z - lse))
+            tl.store(out_row + column * stride_ov, grad.to(out_ptr.dtype.element_ty), mask=edge < end)
+    else:
+        read = tl.where(used, vocab, 0)
+        for first in range(0, vocab, BLOCK):
+            column = first + tl.arange(0, BLOCK).to(tl.int64)
+            z = tl.load(row + column * stride_lv, mask=column < read, other=float("-inf")).to(acc)
+            p = tl.exp(z - lse)
+            grad = taken * ((column == token).to(acc) - p) + termination * ((column == eos).to(acc) - p)
+            tl.store(out_row + column * stride_ov, grad.to(out_ptr.dtype.element_ty), mask=column < vocab)
+
+
+def _launch_options(logits, trie, normalize, flower):
+    vocab = logits.shape[-1]
+    block = min(MAX_BLOCK, triton.next_power_of_2(vocab))
+    return dict(TRIE=normalize == "trie", FLOWER=flower, BLOCK=block,
+                CHILD_BLOCK=min(MAX_CHILD_BLOCK, triton.next_power_of_2(trie.max_degree)),
+                num_warps=8 if block >= 2048 else 4)
+
+
+def log_probs(logits, tokens, nodes, length, trie, normalize, flower):
+    """As flowkern.eager.log_probs: (log π_t, log π(termination) or None, lse_t), each (B, T)."""
+    batch, steps, vocab = logits.shape
+    dtype = compute_dtype(logits.dtype)
+    log_pf, log_pterm, lse = (torch.empty(batch, steps, dtype=dtype, device=logits.device) for _ in range(3))
+    _log_probs_kernel[(batch * steps,)](
+        logits, *logits.stride(), tokens, *tokens.stride(), nodes, length, trie.offsets, trie.tokens,
+        log_pf, log_pterm, lse, steps, vocab, trie.eos_token_id, **_launch_options(logits, trie, normalize, flower))
+    return log_pf, log_pterm if flower else None, lse
+
+
+def logits_grad(logits, tokens, nodes, length, trie, lse, coefficient, normalize, flower, out):
+    """As flowkern.eager.logits_grad: writes every entry of `out` (which may be `logits`)."""
+    batch, steps, vocab = logits.shape
+    _logits_grad_kernel[(batch * steps,)](
+        logits, *logits.stride(), out, *out.stride(), tokens, *tokens.stride(), nodes, length, trie.offsets,
+        trie.tokens, lse, coefficient.to(lse.dtype).contiguous(), steps, vocab, trie.eos_token_id,
+        trie.max_degree.bit_length(),
+        **_launch_options(logits, trie, normalize, flower))

@@ -20,20 +20,20 @@ NONTERMINAL_LOG_REWARD = -15.0  # c_k of the Flower form: log reward of stopping
 
 
 def walk_rewards(tokens, trie, rewards, pref_mode, pref_weight):
-    """(TrieWalk, personalised log r (B, T) float64 — 0 after each end —, preference p_b
-    (B,) float64 — 1 without rewards and for dropped rows — not yet checked)."""
+    """(TrieWalk whose log_reward holds the personalised log r_t, 0 after each end;
+    preference p_b as (B,) float64, 1 without rewards and for dropped rows, not yet checked)."""
     walk = trie.walk(tokens)
-    steps = tokens.shape[1]
-    in_trajectory = torch.arange(steps, device=tokens.device) <= walk.length[:, None]
+    in_trajectory = torch.arange(tokens.shape[1], device=tokens.device) <= walk.length[:, None]
     log_reward = torch.where(in_trajectory, walk.log_reward, 0.0)
     if rewards is None:
-        return walk, log_reward, torch.ones(tokens.shape[0], dtype=torch.float64, device=tokens.device)
+        return walk._replace(log_reward=log_reward), torch.ones_like(log_reward[:, 0])
     preference = rewards if rewards.dim() == 1 else \
         rewards[torch.arange(tokens.shape[0], device=tokens.device), walk.item.clamp(min=0)]
     preference = torch.where(walk.length >= 0, preference.double(), 1.0)
     if pref_mode == "div":
-        return walk, log_reward / preference[:, None], preference
-    return walk, torch.where(in_trajectory, log_reward + pref_weight * preference.log()[:, None], 0.0), preference
+        return walk._replace(log_reward=log_reward / preference[:, None]), preference
+    added = torch.where(in_trajectory, log_reward + pref_weight * preference.log()[:, None], 0.0)
+    return walk._replace(log_reward=added), preference
 
 
 def used_rows(length, steps):

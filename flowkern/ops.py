@@ -260,10 +260,10 @@ def _forward(logits, tokens, trie, rewards, options):
     (loss_b, weight_b, nodes, length, lse, g) with g = ∂loss_b/∂δ_t."""
     lam, form, normalize, pref_mode, pref_weight, on_invalid, backend = options
     stages = _backend(backend, logits.device)
-    walk, log_r, preference = stages.walk_rewards(tokens, trie, rewards, pref_mode, pref_weight)
+    walk, preference = stages.walk_rewards(tokens, trie, rewards, pref_mode, pref_weight)
     flower = form == "flower"
     log_pf, log_pterm, lse = stages.log_probs(logits, tokens, walk.nodes, walk.length, trie, normalize, flower)
-    loss, weight, g = stages.pair_sum(log_pf, log_pterm, log_r, walk.length, lam)
+    loss, weight, g = stages.pair_sum(log_pf, log_pterm, walk.log_reward, walk.length, lam)
     _check_read_values(walk, tokens, logits.shape[-1], trie, on_invalid, rewards, preference, log_pf, log_pterm)
     return loss, weight, walk.nodes, walk.length, lse, g
 

@@ -111,8 +111,7 @@ def _logits_grad_kernel(logits_ptr, stride_lb, stride_lt, stride_lv, out_ptr, st
             block_end = lower_bound(edge_tokens_ptr, block_start, end, first + BLOCK, search_steps)
             child = column < 0
             if block_start < block_end:
-                edge = lower_bound(edge_tokens_ptr, block_start + 0 * column, block_end + 0 * column, column,
-                                    search_steps)
+                edge = lower_bound(edge_tokens_ptr, block_start, block_end, column, search_steps)
                 child = tl.load(edge_tokens_ptr + edge, mask=edge < block_end, other=-1).to(tl.int64) == column
             tl.store(out_row + column * stride_ov, tl.zeros((BLOCK,), out_ptr.dtype.element_ty),
                      mask=(column < vocab) & ~child)

@@ -20,7 +20,11 @@ NO_PREFERENCE, PER_ROW, PER_ITEM = 0, 1, 2
 
 @triton.jit
 def lower_bound(values_ptr, lo, hi, key, steps):
-    """First index i in [lo, hi) with values[i] >= key (hi if none); `steps` ≥ log2(hi − lo + 1)."""
+    """First index i in [lo, hi) with values[i] >= key (hi if none), `key` a scalar or a block
+    (int64); `steps` ≥ log2(hi − lo + 1)."""
+    key += tl.zeros((), tl.int64)
+    lo += tl.zeros_like(key)
+    hi += tl.zeros_like(key)
     for _ in range(steps):
         mid = (lo + hi) // 2
         open_ = lo < hi

@@ -18,6 +18,10 @@ state able to terminate:  log_pf[k] = log π(x_k),  log_pterm[k] = log π(termin
 and the same pair sum over states 0 .. L.
 
 reduction="mean" divides Σ_b loss_b by Σ_b Σ_{m<n} λ^(n−m−1), the published normalisation.
+
+subtb_loss runs four stages (walk, log π, pair sum, logits gradient) on a backend:
+flowkern/eager.py (vectorised PyTorch) or flowkern/kernels (Triton), behind the registered
+operator flowkern::subtb_loss.
 """
 
 import os
@@ -225,9 +229,9 @@ def _backward(ctx, grad_loss, *_):
 torch.library.register_autograd("flowkern::subtb_loss", _backward, setup_context=_setup_context)
 
 
-@torch.compiler.disable
 def _subtb_loss_inplace_grad(logits, tokens, trie, rewards, options, reduction):
-    return _InplaceGrad.apply(logits, tokens, trie, rewards, options, reduction)
+    """Eager only: under torch.compile a graph break (an error with fullgraph=True)."""
+    return torch.compiler.disable(_InplaceGrad.apply)(logits, tokens, trie, rewards, options, reduction)
 
 
 class _InplaceGrad(torch.autograd.Function):

@@ -66,6 +66,8 @@ CASES = {
     "unknown pref_mode": (dict(pref_mode="mul"), ValueError, "pref_mode must be one of 'div', 'add'; got 'mul'"),
     "unknown reduction": (dict(reduction="max"), ValueError, "reduction must be one of 'mean', 'sum', 'none'"),
     "unknown on_invalid": (dict(on_invalid="skip"), ValueError, "on_invalid must be one of 'error', 'ignore'"),
+    "unknown backend": (dict(backend="cuda"), ValueError, "backend must be one of 'auto', 'torch', 'triton'; got 'cuda'"),
+    "inplace_grad not a bool": (dict(inplace_grad=1), TypeError, "inplace_grad must be a bool, got a int"),
     "flower form with the trie policy": (dict(form="flower", normalize="trie"), ValueError,
                                          "form='flower' needs normalize='full'"),
     "preference of 0": (dict(rewards=torch.tensor([1.0, 0.0])), ValueError,

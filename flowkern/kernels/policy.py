@@ -53,6 +53,18 @@ def _lse_step(peak, total, z):
 
 
 @triton.jit
+def _rounded(x, dtype: tl.constexpr):
+    """x in `dtype`, rounded to nearest (ties to even); bfloat16 by hand, as the Triton
+    interpreter's float32 → bfloat16 cast truncates where the GPU's rounds."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _log_probs_kernel(logits_ptr, stride_lb, stride_lt, stride_lv, tokens_ptr, stride_tb, stride_tt, nodes_ptr,
                       length_ptr, offsets_ptr, edge_tokens_ptr, log_pf_ptr, log_pterm_ptr, lse_ptr,
                       steps, vocab, eos, TRIE: tl.constexpr, FLOWER: tl.constexpr, BLOCK: tl.constexpr,
@@ -121,7 +133,7 @@ def _logits_grad_kernel(logits_ptr, stride_lb, stride_lt, stride_lv, out_ptr, st
             column = tl.load(edge_tokens_ptr + edge, mask=edge < end, other=0).to(tl.int64)
             z = tl.load(row + column * stride_lv, mask=edge < end, other=float("-inf")).to(acc)
             grad = taken * ((column == token).to(acc) - tl.exp(z - lse))
-            tl.store(out_row + column * stride_ov, grad.to(out_ptr.dtype.element_ty), mask=edge < end)
+            tl.store(out_row + column * stride_ov, _rounded(grad, out_ptr.dtype.element_ty), mask=edge < end)
     else:
         read = tl.where(used, vocab, 0)
         for first in range(0, vocab, BLOCK):
@@ -129,7 +141,7 @@ def _logits_grad_kernel(logits_ptr, stride_lb, stride_lt, stride_lv, out_ptr, st
             z = tl.load(row + column * stride_lv, mask=column < read, other=float("-inf")).to(acc)
             p = tl.exp(z - lse)
             grad = taken * ((column == token).to(acc) - p) + termination * ((column == eos).to(acc) - p)
-            tl.store(out_row + column * stride_ov, grad.to(out_ptr.dtype.element_ty), mask=column < vocab)
+            tl.store(out_row + column * stride_ov, _rounded(grad, out_ptr.dtype.element_ty), mask=column < vocab)
 
 
 def _launch_options(logits, trie, normalize, flower):

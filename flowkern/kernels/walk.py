@@ -75,6 +75,8 @@ def _walk_kernel(tokens_ptr, stride_tb, stride_tt, offsets_ptr, edge_tokens_ptr,
         preference = tl.load(rewards_ptr + b * stride_rb, mask=done, other=1.0).to(tl.float64)
     if PREFERENCE == 2:
         preference = tl.load(rewards_ptr + b * stride_rb + item * stride_ri, mask=done, other=1.0).to(tl.float64)
+    for t in range(tl.where(done, 0, steps)):  # a row that reaches no leaf has no rewards
+        tl.store(log_r_row + t, 0.0)
     if PREFERENCE != 0:
         for t in range(length + 1):
             log_r = tl.load(log_r_row + t)

@@ -1,0 +1,325 @@
+"""The Triton path of subtb_loss (backend="triton") against the PyTorch path and reference/.
+
+Without CUDA the kernels run in the Triton interpreter on CPU tensors (tests/conftest.py
+sets TRITON_INTERPRET=1 before triton is imported).  With CUDA the same small cases run the compiled kernels on the GPU, and the tests
+marked `gpu` add full-size ones (V = 151,936, Qwen2.5's padded logits width).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flowkern
+from reference import subtb as ref
+from tests.strategies import Catalogue, batches, make_batch, movie_catalogue
+from tests.test_errors import CASES, call
+from tests.test_subtb import VARIANTS, loss_and_grad, preference_for
+
+from flowkern import eager
+
+kernels = pytest.importorskip("flowkern.kernels", reason="needs triton")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+
+
+def both_backends(logits, trie, tokens, rewards=None, upstream=None, **options):
+    """(loss, grad) of the Triton path and of the PyTorch path on the same inputs."""
+    return [loss_and_grad(lambda x: flowkern.subtb_loss(x, trie, rewards, tokens=tokens, backend=backend, **options),
+                          logits, upstream) for backend in ("triton", "torch")]
+
+
+def to_device(batch):
+    return batch.catalogue.trie().to(DEVICE), batch.tokens.to(DEVICE), batch.logits.to(DEVICE)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=batches(max_batch=3), variant=st.sampled_from(VARIANTS), lam=st.sampled_from([1.0, 0.9]),
+       pref=st.sampled_from(["none", "per_row", "per_item"]), pref_mode=st.sampled_from(["div", "add"]),
+       reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_matches_torch_path_and_reference_in_float64(batch, variant, lam, pref, pref_mode, reduction):
+    form, normalize = variant
+    generator = torch.Generator().manual_seed(0)
+    rewards = preference_for(batch, pref, generator)
+    upstream = torch.randn(batch.tokens.shape[0], generator=generator, dtype=torch.float64) \
+        if reduction == "none" else None
+    options = dict(lam=lam, normalize=normalize, form=form, pref_mode=pref_mode, pref_weight=0.5,
+                   reduction=reduction)
+    trie, tokens, logits = to_device(batch)
+    on_device = [None if x is None else x.to(DEVICE) for x in (rewards, upstream)]
+    (loss, grad), (torch_loss, torch_grad) = both_backends(logits, trie, tokens, *on_device, **options)
+    want_loss, want_grad = loss_and_grad(
+        lambda x: ref.subtb_loss(x, batch.catalogue.dict_trie(), batch.tokens, rewards, **options), batch.logits,
+        upstream)
+    torch.testing.assert_close(loss.cpu(), want_loss, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grad.cpu(), want_grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(loss, torch_loss, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grad, torch_grad, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=8, deadline=None)
+@given(batch=batches(max_batch=3), pref_mode=st.sampled_from(["div", "add"]))
+def test_walk_kernel_matches_trie_walk(batch, pref_mode):
+    """Valid rows and rows that leave the trie or never terminate (the junk after a row's end
+    is rewritten into a second copy of each row that runs on without a termination token)."""
+    trie = batch.catalogue.trie().to(DEVICE)
+    tokens = torch.cat([batch.tokens, torch.where(batch.tokens == batch.catalogue.eos, 1, batch.tokens)]).to(DEVICE)
+    rewards = torch.rand(tokens.shape[0], len(batch.catalogue.sequences), dtype=torch.float64).to(DEVICE) + 0.5
+    got, got_preference = kernels.walk_rewards(tokens, trie, rewards, pref_mode, 0.7)
+    want, want_preference = eager.walk_rewards(tokens, trie, rewards, pref_mode, 0.7)
+    for name in ("nodes", "length", "item", "left_at"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    torch.testing.assert_close(got.log_reward, want.log_reward, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_preference, want_preference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.9, 0.3, 1e-3, 1.7])
+@pytest.mark.parametrize("flower", [False, True])
+def test_pair_sum_kernel_matches_the_pair_loop_up_to_256_steps(lam, flower):
+    """The O(T) scans against the O(T²) pair sum of the PyTorch path, any λ > 0, T = 256."""
+    generator = torch.Generator().manual_seed(int(lam * 1000))
+    rows, steps = 6, 256
+    pieces = [torch.randn(rows, steps, generator=generator, dtype=torch.float64).to(DEVICE) for _ in range(3)]
+    length = torch.tensor([255, 254, 100, 1, 0, -1] if not flower else [255, 200, 2, 1, 0, -1], device=DEVICE)
+    log_pterm = pieces[1] if flower else None
+    got = kernels.pair_sum(pieces[0], log_pterm, pieces[2], length, lam)
+    want = eager.pair_sum(pieces[0], log_pterm, pieces[2], length, lam)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-9)
+
+
+SMALL = Catalogue([[1, 2], [1, 3, 2], [4], [1, 2], [1]], [1.0, 2.0, 0.5, 3.0, 0.7], eos=0)
+
+
+@pytest.mark.parametrize("form, normalize", VARIANTS)
+def test_float32_logits_to_1e_5(form, normalize):
+    batch = make_batch(SMALL, [0, 1, 2, 3, 4, 1], seed=4, extra_steps=1, extra_vocab=4000, dtype=torch.float32)
+    trie, tokens, logits = to_device(batch)
+    options = dict(form=form, normalize=normalize, lam=0.9)
+    loss, grad = loss_and_grad(lambda x: flowkern.subtb_loss(x, trie, tokens=tokens, backend="triton", **options),
+                               logits)
+    want_loss, want_grad = loss_and_grad(lambda x: ref.subtb_loss(x, SMALL.dict_trie(), batch.tokens, **options),
+                                         batch.logits.double())
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double().cpu(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double().cpu(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form, normalize", VARIANTS)
+@pytest.mark.parametrize("lam", [1.0, 0.9])
+def test_low_precision_logits_are_no_worse_than_eager_pytorch(dtype, form, normalize, lam):
+    """|kernel − float64 truth| ≤ |PyTorch path in the same dtype − truth| + a small
+    tolerance, for the loss and every gradient entry; the gradient has the logits' dtype."""
+    batch = make_batch(SMALL, [0, 1, 2, 3, 4, 0, 2], seed=5, extra_steps=1, extra_vocab=3000, dtype=dtype)
+    trie, tokens, logits = to_device(batch)
+    options = dict(form=form, normalize=normalize, lam=lam)
+    (loss, grad), (torch_loss, torch_grad) = both_backends(logits, trie, tokens, **options)
+    truth = loss_and_grad(lambda x: ref.subtb_loss(x, SMALL.dict_trie(), batch.tokens, **options),
+                          batch.logits.double())
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    for got, eager_value, want in ((loss, torch_loss, truth[0]), (grad, torch_grad, truth[1])):
+        kernel_error = (got.double().cpu() - want).abs()
+        eager_error = (eager_value.double().cpu() - want).abs()
+        assert (kernel_error <= eager_error + 1e-6 + 1e-6 * want.abs()).all()
+
+
+@pytest.mark.parametrize("form, normalize", VARIANTS)
+def test_non_contiguous_logits_are_read_in_place(form, normalize):
+    """A (B, T, V) view of a (S, B, V) buffer, as `out.logits.transpose(0, 1)[:, p-1:-1]`."""
+    batch = make_batch(SMALL, [1, 0, 4, 2], seed=6, extra_steps=1, extra_vocab=2000, dtype=torch.float32)
+    trie, tokens, logits = to_device(batch)
+    prompt = 3
+    buffer = torch.randn(tokens.shape[1] + prompt, tokens.shape[0], logits.shape[-1], device=DEVICE)
+    view = buffer.transpose(0, 1)[:, prompt - 1:-1]
+    view.copy_(logits)
+    assert not view.is_contiguous()
+    options = dict(tokens=tokens, form=form, normalize=normalize, backend="triton")
+    got = loss_and_grad(lambda x: flowkern.subtb_loss(x, trie, **options), view)
+    want = loss_and_grad(lambda x: flowkern.subtb_loss(x, trie, **options), view.contiguous())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_trie_normalisation_reads_only_the_children():
+    batch = make_batch(SMALL, [0, 1, 2, 4], seed=2, extra_vocab=600)
+    trie, tokens, logits = to_device(batch)
+    walk = trie.walk(tokens)
+    masked = torch.full_like(logits, float("nan"))
+    b, t = eager.used_rows(walk.length, tokens.shape[1])
+    for i in range(b.numel()):
+        state = int(walk.nodes[b[i], t[i]])
+        children = trie.tokens[trie.offsets[state]:trie.offsets[state + 1]].long()
+        masked[b[i], t[i], children] = logits[b[i], t[i], children]
+    clean = loss_and_grad(lambda x: flowkern.subtb_loss(x, trie, tokens=tokens, backend="triton"), logits)
+    got = loss_and_grad(lambda x: flowkern.subtb_loss(x, trie, tokens=tokens, backend="triton"), masked)
+    assert torch.equal(got[0], clean[0]) and torch.equal(got[1], clean[1])
+    assert (got[1][masked.isnan()] == 0).all()
+
+
+def test_dropped_trajectories_match_the_torch_path():
+    catalogue = Catalogue([[1, 2], [3]], [1.0, 2.0], eos=0)
+    trie = catalogue.trie().to(DEVICE)
+    tokens = torch.tensor([[1, 2, 0, 5], [3, 3, 0, 0], [1, 2, 2, 2], [3, 0, 9, 9]], device=DEVICE)
+    logits = torch.randn(4, 4, 12, dtype=torch.float64, device=DEVICE)
+    for reduction in ("mean", "none"):
+        (loss, grad), (torch_loss, torch_grad) = both_backends(logits, trie, tokens, on_invalid="ignore",
+                                                               reduction=reduction)
+        torch.testing.assert_close(loss, torch_loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, torch_grad, rtol=1e-12, atol=1e-12)
+    assert (grad[1:3] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("form, normalize", VARIANTS)
+@pytest.mark.parametrize("reduction, scale", [("mean", 1.0), ("sum", 2.5), ("none", None)])
+def test_inplace_grad_writes_the_gradient_over_the_logits(backend, form, normalize, reduction, scale):
+    """inplace_grad=True: the same gradient, held in the logits' own storage (a view of a
+    larger buffer here, whose other entries stay as they were), for any upstream gradient."""
+    batch = make_batch(SMALL, [1, 0, 4, 2], seed=7, extra_steps=1, extra_vocab=300, dtype=torch.float32)
+    trie, tokens, logits = to_device(batch)
+    upstream = torch.randn(tokens.shape[0], device=DEVICE) if scale is None else torch.tensor(scale, device=DEVICE)
+    options = dict(tokens=tokens, form=form, normalize=normalize, reduction=reduction, backend=backend)
+    want = loss_and_grad(lambda x: flowkern.subtb_loss(x, trie, **options), logits, upstream)
+    buffer = torch.randn(tokens.shape[1] + 2, tokens.shape[0], logits.shape[-1], device=DEVICE)
+    before = buffer.clone()
+    leaf = buffer.transpose(0, 1)[:, 1:-1].detach()
+    leaf.copy_(logits)
+    leaf.requires_grad_()
+    loss = flowkern.subtb_loss(leaf, trie, inplace_grad=True, **options)
+    (grad,) = torch.autograd.grad(loss, leaf, upstream)
+    assert torch.equal(loss.detach(), want[0])
+    torch.testing.assert_close(grad, want[1], rtol=1e-6, atol=1e-7)
+    assert grad.data_ptr() == leaf.data_ptr()
+    assert torch.equal(buffer[[0, -1]], before[[0, -1]])
+
+
+def test_inplace_grad_leaves_logits_alone_without_a_gradient():
+    batch = make_batch(SMALL, [1, 0], seed=8, extra_vocab=10, dtype=torch.float32)
+    trie, tokens, logits = to_device(batch)
+    kept = logits.clone()
+    loss = flowkern.subtb_loss(logits, trie, tokens=tokens, inplace_grad=True, backend="triton")
+    assert torch.equal(logits.nan_to_num(), kept.nan_to_num()) and torch.isfinite(loss)
+
+
+@pytest.mark.skipif(CUDA, reason="the cases are CPU tensors, for the interpreter")
+@pytest.mark.parametrize("changes, error, message", CASES.values(), ids=CASES.keys())
+def test_bad_input_gives_the_same_errors(changes, error, message):
+    with pytest.raises(error, match=message):
+        call(**{"backend": "triton", **changes})
+
+
+def test_auto_backend_follows_the_environment_variable(monkeypatch):
+    batch = make_batch(SMALL, [0], seed=9)
+    trie, tokens, logits = to_device(batch)
+    monkeypatch.setenv("FLOWKERN_BACKEND", "triton")
+    calls = []
+    monkeypatch.setattr(kernels, "pair_sum", lambda *args: calls.append(1) or eager.pair_sum(*args))
+    flowkern.subtb_loss(logits, trie, tokens=tokens)
+    assert calls
+    monkeypatch.setenv("FLOWKERN_BACKEND", "torch")
+    flowkern.subtb_loss(logits, trie, tokens=tokens)
+    assert len(calls) == 1
+    flowkern.subtb_loss(logits, trie, tokens=tokens, backend="triton")
+    assert len(calls) == 2
+    monkeypatch.setenv("FLOWKERN_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="the environment variable FLOWKERN_BACKEND must be one of auto, torch, "
+                                         "triton; got 'cuda'"):
+        flowkern.subtb_loss(logits, trie, tokens=tokens)
+
+
+def test_forcing_triton_without_triton_installed_is_an_import_error(monkeypatch):
+    for name in [name for name in sys.modules if name.startswith("flowkern.kernels")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(flowkern, "kernels")
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(ImportError, match=r"backend='triton' needs the triton package \(pip install triton\)"):
+        call(backend="triton")
+    assert torch.isfinite(call(backend="auto"))  # CPU tensors: the PyTorch path, no triton needed
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU machine the CPU tensors of this case are not the point")
+def test_forcing_triton_on_cpu_without_the_interpreter_is_a_value_error():
+    script = textwrap.dedent("""
+        import torch, flowkern
+        trie = flowkern.Trie.build([[1]], eos_token_id=0)
+        try:
+            flowkern.subtb_loss(torch.zeros(1, 2, 3), trie, tokens=torch.tensor([[1, 0]]), backend="triton")
+        except ValueError as error:
+            print(error)
+    """)
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "backend='triton' on CPU tensors runs only under the Triton interpreter: set TRITON_INTERPRET=1" \
+        in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiles_with_fullgraph(backend):
+    """torch.compile(fullgraph=True) traces the registered op without graph breaks, and the
+    compiled loss and gradient equal the eager ones; bad data still raises inside the op."""
+    torch._dynamo.reset()
+    batch = make_batch(SMALL, [1, 0, 4, 2], seed=10, extra_vocab=20, dtype=torch.float32)
+    trie, tokens, logits = to_device(batch)
+
+    def step(x, tokens):
+        return flowkern.subtb_loss(x * 2.0, trie, tokens=tokens, lam=0.9, backend=backend) + x.sum() * 0.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    got = loss_and_grad(lambda x: compiled(x, tokens), logits.nan_to_num())
+    want = loss_and_grad(lambda x: step(x, tokens), logits.nan_to_num())
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+    bad = tokens.clone()
+    bad[0, 0] = 3
+    with pytest.raises(ValueError, match=r"tokens\[0, 0\] = 3 leaves the trie"):
+        compiled(logits.nan_to_num(), bad)
+
+
+def test_inplace_grad_under_compile_is_a_graph_break():
+    torch._dynamo.reset()
+    batch = make_batch(SMALL, [1, 0, 4], seed=11, extra_vocab=20, dtype=torch.float32)
+    trie, tokens, logits = to_device(batch)
+    logits = logits.nan_to_num()
+
+    def step(x):
+        return flowkern.subtb_loss(x * 2.0, trie, tokens=tokens, backend="triton", inplace_grad=True)
+
+    got = loss_and_grad(torch.compile(step), logits)
+    want = loss_and_grad(step, logits)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch._dynamo.reset()  # else the graph-broken frames above are reused
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(step, fullgraph=True)(logits.clone().requires_grad_())
+
+
+# ---- full size, real kernels -------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form, normalize", VARIANTS)
+def test_full_size_on_gpu_matches_torch_path(dtype, form, normalize):
+    catalogue = movie_catalogue()
+    trie = catalogue.trie().to("cuda")
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(len(catalogue.sequences), (32,), generator=generator).tolist()
+    steps = max(len(catalogue.sequences[i]) for i in rows) + 1
+    tokens = torch.tensor([catalogue.sequences[i] + [198] * (steps - len(catalogue.sequences[i])) for i in rows])
+    logits = (torch.randn(32, steps, 151_936, generator=generator) * 3).to("cuda", dtype)
+    options = dict(form=form, normalize=normalize, lam=0.9)
+    (loss, grad), (torch_loss, torch_grad) = both_backends(logits, trie, tokens.cuda(), **options)
+    torch.testing.assert_close(loss, torch_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.float(), torch_grad.float(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-6)
+    inplace = logits.clone().requires_grad_()
+    flowkern.subtb_loss(inplace, trie, tokens=tokens.cuda(), inplace_grad=True, **options).backward()
+    torch.testing.assert_close(inplace.grad, grad, rtol=0, atol=0)

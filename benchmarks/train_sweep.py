@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import environment, write_results  # noqa: E402
+from benchmarks.common import environment, markdown_table, write_results  # noqa: E402
 
 
 def main():
@@ -46,8 +46,8 @@ def main():
     device = "cpu" if "cpu" in env["device"] else "gpu-" + env["device"].replace(" ", "_")
     notes = ("Each cell: before training (step 0) → after. Command: python benchmarks/train_sweep.py "
              + " ".join(sys.argv[1:]))
-    write_results(f"train-{args.name}-{device}-{env['date']}", f"Flower vs SFT: {args.name}", env, rows, columns,
-                  notes)
+    write_results(f"train-{args.name}-{device}-{env['date']}", f"Flower vs SFT: {args.name}", env,
+                  f"{markdown_table(rows, columns)}\n\n{notes}", rows)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def main(argv=None):
         round(args.epochs * steps_per_epoch) if task.mode == "history" else 120)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
-    run = Run(args.out, rank == 0)
+    run = Run(args.out, rank == 0, fresh=not args.resume)
     checkpoint = os.path.join(args.out, "checkpoint")
     start = 0
     if args.resume and os.path.isdir(checkpoint):
@@ -349,11 +349,12 @@ def setup_distributed(device_arg):
 class Run:
     """The run directory; only rank 0 writes or prints."""
 
-    def __init__(self, out, writer):
+    def __init__(self, out, writer, fresh):
         self.out, self.writer, self.started = out, writer, time.time()
-        self.history = []
         if writer:
             os.makedirs(out, exist_ok=True)
+            if fresh and os.path.exists(os.path.join(out, "metrics.jsonl")):
+                os.remove(os.path.join(out, "metrics.jsonl"))  # a new run's log starts empty
 
     def say(self, text):
         if self.writer:
@@ -383,19 +384,16 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
     def log_eval(self, step, split, result):
+        self.log({"step": step, "split": split, **result})
         shown = {k: v for k, v in result.items() if not isinstance(v, list)}
-        self.history.append({"step": step, "split": split, **result})
-        self.log({"step": step, "split": split, **shown})
         self.say(f"step {step} [{split}] " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in shown.items()))
 
     def finish(self, task, evaluator, after):
         if not self.writer:
             return
-        before = next((h for h in self.history if h["step"] == 0), None)
-        if before is None and os.path.exists(os.path.join(self.out, "metrics.jsonl")):
-            with open(os.path.join(self.out, "metrics.jsonl")) as f:
-                before = next((json.loads(line) for line in f if json.loads(line)["step"] == 0), None)
+        with open(os.path.join(self.out, "metrics.jsonl")) as f:  # this run's, or the resumed run's
+            before = next((record for record in map(json.loads, f) if record["step"] == 0), None)
         self._write_json("final.json", {"before": before, "after": after, "seconds": time.time() - self.started})
         if task.mode == "history":
             with open(os.path.join(self.out, "predictions.jsonl"), "w") as f:

@@ -231,6 +231,20 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     assert finals[0] == finals[1]
 
 
+@pytest.mark.parametrize("mode", ["div", "add"])
+def test_preference_scores(tmp_path, tiny_model, mode):
+    data = write_dataset(str(tmp_path / "data"))
+    scores = np.random.default_rng(0).normal(size=(12, len(TITLES)))
+    scores[3] = 1.0  # a row without spread: every preference 1
+    np.save(tmp_path / "prefs.npy", scores)
+    out = run(tmp_path, tiny_model, data, "prefs", "--pref-scores", str(tmp_path / "prefs.npy"), "--pref-mode", mode)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert all(r["subtb"] > 0 for r in map(json.loads, f) if r["split"] == "train")
+    np.save(tmp_path / "wrong.npy", scores[:5])
+    with pytest.raises(SystemExit, match=r"expected shape \(train rows, items\) = \(12, 6\)"):
+        run(tmp_path, tiny_model, data, "wrong", "--pref-scores", str(tmp_path / "wrong.npy"))
+
+
 def test_lora_on_a_local_model(tmp_path, tiny_model):
     out = run(tmp_path, tiny_model, history_free_file(tmp_path), "lora", "--lora-r", "4")
     assert "adapter_model.safetensors" in os.listdir(os.path.join(out, "checkpoint"))

@@ -55,12 +55,12 @@ def main():
         args.preset, args.repeats, args.trie_items = "quick", 2, 10_000
     preset = args.preset or ("paper" if cuda else "cpu")
     device = torch.device("cuda" if cuda else "cpu")
+    env = environment()  # the code that runs is the code at the start
     _fix_malloc_threshold()
 
     loss_rows, check = bench_loss(PRESETS[preset], device, args.repeats, compile_too=not args.quick)
     build_rows = bench_build(args.trie_items, args.repeats)
     walk_rows = bench_walk(PRESETS[preset], args.repeats)
-    env = environment()
     batch, steps, vocab = PRESETS[preset]
     sections = [
         (f"Loss forward + backward, preset {preset}: B = {batch}, T = {steps}, V = {vocab}, "

@@ -26,6 +26,7 @@ def main():
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then arguments for flowkern.train")
     args = parser.parse_args()
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    env = environment()  # the code that runs is the code at the start
     rows = []
     for weight in args.weights:
         out = os.path.join(args.runs, f"{args.name}-w{weight}")
@@ -42,7 +43,6 @@ def main():
                 row[name] = f"{before:.4f} → {value:.4f}" if before is not None else f"{value:.4f}"
         rows.append(row)
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    env = environment()
     device = "cpu" if "cpu" in env["device"] else "gpu-" + env["device"].replace(" ", "_")
     notes = ("Each cell: before training (step 0) → after. Command: python benchmarks/train_sweep.py "
              + " ".join(sys.argv[1:]))

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flowkern  # noqa: E402
-from benchmarks.common import environment, time_call, write_results  # noqa: E402
+from benchmarks.common import environment, markdown_table, time_call, write_results  # noqa: E402
 from reference.generation import isin_mask  # noqa: E402
 from reference.trie import DictTrie  # noqa: E402
 from tests.strategies import movie_catalogue  # noqa: E402
@@ -83,8 +83,8 @@ def main():
         print(rows)
         return
     device = "cpu" if not torch.cuda.is_available() else "gpu-" + torch.cuda.get_device_name().replace(" ", "_")
-    write_results(f"generation-{device}-{env['date']}", "Constrained decoding step", env, rows,
-                  ["variant", "median ms", "min-max ms", "published / this", "this / unconstrained"], notes)
+    table = markdown_table(rows, ["variant", "median ms", "min-max ms", "published / this", "this / unconstrained"])
+    write_results(f"generation-{device}-{env['date']}", "Constrained decoding step", env, f"{table}\n\n{notes}", rows)
 
 
 if __name__ == "__main__":

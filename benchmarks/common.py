@@ -45,11 +45,11 @@ def markdown_table(rows, columns):
     return "\n".join(lines)
 
 
-def write_results(name, title, env, rows, columns, notes=""):
-    """Write results/<name>.md and .json and print the table."""
-    table = markdown_table(rows, columns)
+def write_results(name, title, env, body, rows):
+    """Print `body` (markdown) under a heading that names the machine, and write it to
+    results/<name>.md, with `rows` and the environment in results/<name>.json."""
     text = f"# {title}\n\n{env['date']}, {env['device']}, torch {env['torch']} ({env['threads']} threads), " \
-           f"commit {env['commit']}\n\n{table}\n\n{notes}".rstrip() + "\n"
+           f"commit {env['commit']}\n\n{body.strip()}\n"
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(text)

@@ -10,12 +10,12 @@ At a trie node s the model may only emit a child token of s; the constrained pol
   TrieLogitsProcessor  the same constraint for Hugging Face `model.generate`
 """
 
-import inspect
 from typing import NamedTuple, Optional
 
 import torch
 
 from flowkern._checks import check_count, check_number, describe
+from flowkern.models import forward_parameters
 from flowkern.trie import Trie
 
 try:
@@ -131,7 +131,7 @@ class Recommendations(NamedTuple):
 
 @torch.no_grad()
 def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional[int] = None, titles=None,
-              length_normalize: bool = False) -> Recommendations:
+              length_normalize: bool = False, temperature: float = 1.0) -> Recommendations:
     """The K best distinct items for each prompt by beam search under the trie-constrained
     policy, ranked by sequence log-probability Σ_t log π_t (termination token included).
 
@@ -142,9 +142,12 @@ def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional
     length_normalize: rank by log-probability per token instead (D3 found this hurts
                       recommendation, so it is off by default); scores stay unnormalised.
     titles:           a sequence of item titles indexed by item id, to return them too.
+    temperature:      the children's logits are divided by it (the "Temp" baseline); scores are
+                      then log-probabilities of that tempered policy.
     """
     decoder = _Decoder(model, prompt_ids, trie)
     check_count("k", k)
+    check_number("temperature", temperature, positive=True)
     if k > trie.num_items:
         raise ValueError(f"k = {k} exceeds the number of items ({trie.num_items})")
     beams = k if num_beams is None else num_beams
@@ -162,7 +165,7 @@ def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional
     for t in range(trie.depth):
         children = children_logits(decoder.logits, node, trie)
         width = children.tokens.shape[1]
-        candidate = (score.view(-1, 1) + torch.log_softmax(children.logits.float(), -1)).view(prompts, -1)
+        candidate = (score.view(-1, 1) + torch.log_softmax(children.logits.float() / temperature, -1)).view(prompts, -1)
         ends = (children.tokens == eos).view(prompts, -1)
         completed = torch.where(ends, candidate, float("-inf"))
         key = completed / (t + 1) if length_normalize else completed
@@ -232,9 +235,9 @@ class _Decoder:
             raise ValueError(f"trie is on {trie.device} but the model is on {self.device}: use trie.to({self.device!r})")
         input_ids, self.attention_mask = _left_pad(prompt_ids, self.device)
         self.batch = input_ids.shape[0]
-        forward = inspect.signature((model.get_base_model() if hasattr(model, "get_base_model") else model).forward)
-        self.cache_keyword = "cache" if "cache" in forward.parameters else "past_key_values"
-        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward.parameters else {}
+        parameters = forward_parameters(model)
+        self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.cache = _new_cache()
         self.positions = self.attention_mask.sum(1)
         self.logits = self._run(input_ids, (self.attention_mask.cumsum(1) - 1).clamp(min=0))

@@ -11,3 +11,9 @@ def test_generation_benchmark_runs():
     out = subprocess.run([sys.executable, str(BENCHMARKS / "bench_generation.py"), "--quick"], capture_output=True,
                          text=True, check=True, timeout=600).stdout
     assert "flowkern.children_logits + sample" in out
+
+
+def test_loss_benchmark_runs():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "bench_subtb.py"), "--quick"], capture_output=True,
+                         text=True, check=True, timeout=600).stdout
+    assert "flowkern, PyTorch eager" in out and "published-style dict of prefix strings" in out

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flowkern
+from reference import published
 from reference import subtb as ref
 from tests.strategies import Catalogue, batches, catalogues, make_batch, movie_catalogue
 
@@ -310,3 +311,18 @@ def test_sequence_log_probs_matches_reference(batch, normalize):
                          torch.ones(batch.tokens.shape[0], dtype=torch.float64))
     torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(got[1], want[1], rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=batches(), lam=st.sampled_from([1.0, 0.9]))
+def test_flower_form_matches_the_published_style_code(batch, lam):
+    """reference/published.py (dict look-ups, a loop over subtrajectory lengths) computes the
+    same mean as subtb_loss(form="flower"); it reads every position, so the junk after each
+    termination token is replaced by valid values for it."""
+    catalogue = batch.catalogue
+    table = published.build_process_rewards(catalogue.sequences, catalogue.rewards, catalogue.eos)
+    ended = torch.arange(batch.tokens.shape[1]) > torch.tensor([len(catalogue.sequences[i]) for i in batch.items])[:, None]
+    tokens = torch.where(ended, catalogue.eos, batch.tokens)
+    want = published.subtb_loss(torch.nan_to_num(batch.logits), tokens, table, catalogue.eos, lam)
+    got = flowkern.subtb_loss(batch.logits, catalogue.trie(), tokens=batch.tokens, form="flower", lam=lam)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

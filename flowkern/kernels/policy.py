@@ -11,8 +11,9 @@ log π(termination) (Flower form, c_{−1} = 0):
   grad[b, t, v] = c_t ([v = x] − p_v) + e_t ([v = eos] − p_v),  p = exp(z − lse_t),
 written once for every column: "full" streams the row; "trie" writes the children and
 zeroes the other columns, finding per block of columns the children inside it by binary
-search (children are sorted), so the row's other logits are never read.  Each entry is read before it is written by the same lane, so the gradient may be
-written over the logits themselves (inplace_grad).  Rows after a trajectory's end get 0.
+search (children are sorted), so the row's other logits are never read.  Each entry is
+read before it is written by the same lane, so the gradient may be written over the logits
+themselves (inplace_grad).  Rows after a trajectory's end get 0.
 """
 
 import torch

@@ -2,14 +2,17 @@
 
     trie = flowkern.Trie.build(item_token_ids, item_rewards, eos_token_id=198)
     loss = flowkern.subtb_loss(logits, trie, tokens=trajectories)
+    loss = flowkern.linear_subtb_loss(hidden, lm_head.weight, trie, tokens=trajectories)  # no logits formed
 """
 
 from flowkern.generation import (Children, Recommendations, Samples, TrieLogitsProcessor, children_logits,
                                  mask_logits, recommend, sample)
-from flowkern.ops import NONTERMINAL_LOG_REWARD, modified_subtb_loss, sequence_log_probs, subtb_loss
+from flowkern.ops import (NONTERMINAL_LOG_REWARD, linear_sequence_log_probs, linear_subtb_loss, modified_subtb_loss,
+                          sequence_log_probs, subtb_loss)
 from flowkern.trie import Trie, TrieWalk
 
 __version__ = "0.1.0"
 __all__ = ["Trie", "TrieWalk", "subtb_loss", "modified_subtb_loss", "sequence_log_probs", "NONTERMINAL_LOG_REWARD",
+           "linear_subtb_loss", "linear_sequence_log_probs",
            "sample", "Samples", "recommend", "Recommendations", "mask_logits", "children_logits", "Children",
            "TrieLogitsProcessor"]

@@ -45,14 +45,33 @@ def log_probs(logits, tokens, nodes, length, trie, normalize, flower):
     """(log π_t, log π(termination) at s_t or None, lse_t), each (B, T) in the compute dtype
     and 0 after each trajectory's end."""
     b, t = used_rows(length, tokens.shape[1])
-    taken = tokens[b, t].long()
     if normalize == "trie":
         log_pi, lse = trie_log_softmax(logits, b, t, nodes[b, t], nodes[b, t + 1] - 1, trie)
-        columns = log_pi[:, None]
-    else:
-        cols = torch.stack([taken, torch.full_like(taken, trie.eos_token_id)], 1) if flower else taken[:, None]
-        columns, lse = full_log_softmax(logits, b, t, cols)
-    empty = torch.zeros(tokens.shape, dtype=lse.dtype, device=lse.device)
+        return per_position(tokens.shape, b, t, log_pi[:, None], lse, flower)
+    columns, lse = full_log_softmax(logits, b, t, taken_columns(tokens, b, t, trie.eos_token_id, flower))
+    return per_position(tokens.shape, b, t, columns, lse, flower)
+
+
+def taken_columns(tokens, b, t, eos, flower):
+    """The columns log π is read at in row (b_i, t_i), (R, K): the taken token, and for the
+    Flower form the termination token too."""
+    taken = tokens[b, t].long()
+    return torch.stack([taken, torch.full_like(taken, eos)], 1) if flower else taken[:, None]
+
+
+def column_weights(coefficient, b, t, flower):
+    """The coefficients of the columns of taken_columns in Σ coefficient·δ, (R, K): c_t on
+    log π(x_t), and for the Flower form c_{t−1} − c_t on log π(termination)."""
+    if not flower:
+        return coefficient[b, t, None]
+    previous = F.pad(coefficient, (1, 0))[:, :-1]
+    return torch.stack([coefficient[b, t], previous[b, t] - coefficient[b, t]], 1)
+
+
+def per_position(shape, b, t, columns, lse, flower):
+    """log_probs' result from per-row values: columns (R, K) and lse (R,) put at (b_i, t_i)
+    of (B, T) tensors that are 0 elsewhere."""
+    empty = torch.zeros(shape, dtype=lse.dtype, device=lse.device)
     pieces = [empty.index_put((b, t), column) for column in columns.unbind(1)]
     return pieces[0], pieces[1] if flower else None, empty.index_put((b, t), lse)
 
@@ -107,14 +126,8 @@ def logits_grad(logits, tokens, nodes, length, trie, lse, coefficient, normalize
         trie_log_softmax_grad(logits, b, t, nodes[b, t], nodes[b, t + 1] - 1, trie, lse[b, t],
                               coefficient[b, t], out)
         return
-    taken = tokens[b, t].long()
-    if flower:
-        previous = F.pad(coefficient, (1, 0))[:, :-1]
-        cols = torch.stack([taken, torch.full_like(taken, trie.eos_token_id)], 1)
-        weights = torch.stack([coefficient[b, t], previous[b, t] - coefficient[b, t]], 1)
-    else:
-        cols, weights = taken[:, None], coefficient[b, t, None]
-    full_log_softmax_grad(logits, b, t, cols, lse[b, t], weights, out)
+    cols = taken_columns(tokens, b, t, trie.eos_token_id, flower)
+    full_log_softmax_grad(logits, b, t, cols, lse[b, t], column_weights(coefficient, b, t, flower), out)
     unused = (torch.arange(steps, device=tokens.device) > length[:, None]).nonzero(as_tuple=True)
     out[unused] = 0
 

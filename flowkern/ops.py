@@ -21,15 +21,17 @@ reduction="mean" divides Σ_b loss_b by Σ_b Σ_{m<n} λ^(n−m−1), the publis
 
 subtb_loss runs four stages (walk, log π, pair sum, logits gradient) on a backend:
 flowkern/eager.py (vectorised PyTorch) or flowkern/kernels (Triton), behind the registered
-operator flowkern::subtb_loss.
+operator flowkern::subtb_loss.  linear_subtb_loss runs the same walk and pair sum, with log π
+and its gradient read from hidden states and the output layer instead of logits
+(flowkern/head.py, flowkern/kernels/head.py), behind flowkern::linear_subtb_loss.
 """
 
 import os
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from flowkern import eager
+from flowkern import eager, head
 from flowkern._checks import check_choice, check_number, check_token_tensor, describe
 from flowkern.eager import NONTERMINAL_LOG_REWARD
 from flowkern.policy import compute_dtype, full_log_probs, trie_log_softmax
@@ -74,13 +76,41 @@ def subtb_loss(logits, trie, rewards=None, *, tokens, lam=1.0, normalize=None, f
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad must be a bool, got {describe(inplace_grad)}")
     _check_inputs(logits, tokens, trie)
-    _check_rewards(rewards, tokens.shape[0], trie.num_items, logits.device)
+    _check_rewards(rewards, tokens.shape[0], trie.num_items, _logits_source(logits))
     options = (float(lam), form, normalize, pref_mode, float(pref_weight), on_invalid, backend)
     if inplace_grad and logits.requires_grad and torch.is_grad_enabled():
         return _subtb_loss_inplace_grad(logits, tokens, trie, rewards, options, reduction)
     arrays, ints, log_z = _pack(trie)
     loss, weight, *_ = torch.ops.flowkern.subtb_loss(logits, tokens, arrays, ints, log_z, rewards, *options)
     return _reduce(loss, weight, reduction)
+
+
+def linear_subtb_loss(hidden, weight, trie, rewards=None, *, tokens, bias=None, lam=1.0, normalize=None,
+                      form="process", pref_mode="div", pref_weight=1.0, reduction="mean", on_invalid="error",
+                      backend="auto"):
+    """subtb_loss of the logits hidden @ weight.T + bias, computed without forming them.
+
+    hidden:  (B, T, H) float16/bfloat16/float32/float64, any strides: hidden[b, t] is the
+             model's last hidden state at s_t (what its output layer reads).
+    weight:  (V, H) output layer (lm_head.weight; the input embeddings when they are tied),
+             bias: None or (V,); both of hidden's dtype and device.
+    With normalize="trie" only the rows of weight (and bias) at the children of each state are
+    read; with "full" (and form="flower") weight is read in chunks of rows and re-read in
+    backward, so no (B, T, V) tensor exists either way.  Differentiable w.r.t. hidden, and
+    w.r.t. weight and bias when they require grad (a frozen head gets no dW at all).
+    The other arguments, the result and the errors are subtb_loss's (no inplace_grad: there
+    are no logits to overwrite); backend="triton" runs the trie policy's head as Triton
+    kernels, the full softmax's chunks as matrix products on either backend.
+    """
+    normalize = _check_options(lam, normalize, form, pref_mode, pref_weight, reduction, on_invalid)
+    check_choice("backend", backend, BACKENDS)
+    source = _check_head_inputs(hidden, weight, bias, tokens, trie)
+    _check_rewards(rewards, tokens.shape[0], trie.num_items, source)
+    options = (float(lam), form, normalize, pref_mode, float(pref_weight), on_invalid, backend)
+    arrays, ints, log_z = _pack(trie)
+    loss, loss_weight, *_ = torch.ops.flowkern.linear_subtb_loss(hidden, weight, bias, tokens, arrays, ints, log_z,
+                                                                 rewards, *options)
+    return _reduce(loss, loss_weight, reduction)
 
 
 def sequence_log_probs(logits, trie, *, tokens, normalize="trie"):
@@ -91,14 +121,51 @@ def sequence_log_probs(logits, trie, *, tokens, normalize="trie"):
     check_choice("normalize", normalize, ("trie", "full"))
     _check_inputs(logits, tokens, trie)
     walk = trie.walk(tokens)
-    _check_trajectories(walk, tokens, logits.shape[-1], trie.eos_token_id, "error")
+    source = _logits_source(logits)
+    _check_trajectories(walk, tokens, source, trie.eos_token_id, "error")
     b, t = eager.used_rows(walk.length, tokens.shape[1])
     if normalize == "trie":
         log_pi, _ = trie_log_softmax(logits, b, t, walk.nodes[b, t], walk.nodes[b, t + 1] - 1, trie)
     else:
         log_pi = full_log_probs(logits, b, t, tokens[b, t].long()[:, None])[:, 0]
-    _check_finite_log_probs(log_pi[:, None], b, t, tokens[b, t])
+    _check_finite_log_probs(log_pi[:, None], b, t, tokens[b, t], source)
     return torch.zeros(tokens.shape[0], dtype=log_pi.dtype, device=log_pi.device).index_add(0, b, log_pi)
+
+
+def linear_sequence_log_probs(hidden, weight, trie, *, tokens, bias=None, normalize="trie"):
+    """sequence_log_probs of the logits hidden @ weight.T + bias, computed without forming
+    them (see linear_subtb_loss): (B,), differentiable w.r.t. hidden, weight and bias.  The
+    trie policy's log-likelihood of the items (normalize="trie") is what a trie-constrained
+    decoder samples from; "full" is the ordinary token cross-entropy (negated)."""
+    check_choice("normalize", normalize, ("trie", "full"))
+    source = _check_head_inputs(hidden, weight, bias, tokens, trie)
+    walk = trie.walk(tokens)
+    _check_trajectories(walk, tokens, source, trie.eos_token_id, "error")
+    return _HeadSequenceLogProbs.apply(hidden, weight, bias, tokens, walk, trie, normalize)
+
+
+class _HeadSequenceLogProbs(torch.autograd.Function):
+    """Σ_t log π_t per trajectory from the head; backward is the head's gradient with
+    coefficient ∂/∂log π_t = the upstream gradient of the trajectory."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, walk, trie, normalize):
+        stages = _head_stages(_backend("auto", hidden.device), normalize)
+        log_pi, _, lse = stages.log_probs(hidden, weight, bias, tokens, walk.nodes, walk.length, trie, normalize,
+                                          False)
+        b, t = eager.used_rows(walk.length, tokens.shape[1])
+        _check_finite_log_probs(log_pi[b, t, None], b, t, tokens[b, t], _head_source(hidden, weight, bias))
+        ctx.save_for_backward(hidden, weight, bias, tokens, walk.nodes, walk.length, lse)
+        ctx.trie, ctx.normalize, ctx.stages = trie, normalize, stages
+        return log_pi.sum(1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, tokens, nodes, length, lse = ctx.saved_tensors
+        coefficient = grad_out.to(lse.dtype)[:, None].expand(tokens.shape)
+        dh, dw, db = ctx.stages.grad(hidden, weight, bias, tokens, nodes, length, ctx.trie, lse, coefficient,
+                                     ctx.normalize, False, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        return dh, dw, db, None, None, None, None
 
 
 def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, *, reduction="mean"):
@@ -176,19 +243,24 @@ def _subtb_loss_op(logits: torch.Tensor, tokens: torch.Tensor, trie_arrays: list
                                           torch.Tensor]:
     """(loss_b, weight_b, nodes, length, lse, g): see _forward."""
     trie = _unpack(trie_arrays, trie_ints, log_z)
-    return _forward(logits, tokens, trie, rewards, (lam, form, normalize, pref_mode, pref_weight, on_invalid,
-                                                    backend))
+    return _forward(_logits_source(logits), tokens, trie, rewards,
+                    (lam, form, normalize, pref_mode, pref_weight, on_invalid, backend))
 
 
 @_subtb_loss_op.register_fake
 def _(logits, tokens, trie_arrays, trie_ints, log_z, rewards, lam, form, normalize, pref_mode, pref_weight,
       on_invalid, backend):
+    return _fake_forward(logits, tokens)
+
+
+def _fake_forward(source, tokens):
+    """Empty tensors shaped like the op's results, `source` the logits or hidden states."""
     batch, steps = tokens.shape
-    dtype = compute_dtype(logits.dtype)
-    per_row = logits.new_empty((batch,), dtype=dtype)
+    dtype = compute_dtype(source.dtype)
+    per_row = source.new_empty((batch,), dtype=dtype)
     return (per_row, torch.empty_like(per_row), tokens.new_empty((batch, steps + 1), dtype=torch.long),
-            tokens.new_empty((batch,), dtype=torch.long), logits.new_empty((batch, steps), dtype=dtype),
-            logits.new_empty((batch, steps), dtype=dtype))
+            tokens.new_empty((batch,), dtype=torch.long), source.new_empty((batch, steps), dtype=dtype),
+            source.new_empty((batch, steps), dtype=dtype))
 
 
 @torch.library.custom_op("flowkern::subtb_loss_backward", mutates_args=())
@@ -229,6 +301,72 @@ def _backward(ctx, grad_loss, *_):
 torch.library.register_autograd("flowkern::subtb_loss", _backward, setup_context=_setup_context)
 
 
+# flowkern::linear_subtb_loss: the same with (hidden, weight, bias) in place of the logits.  Its
+# backward op returns dh, dW and db, the last two empty when not asked for (a frozen head).
+
+@torch.library.custom_op("flowkern::linear_subtb_loss", mutates_args=())
+def _linear_subtb_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          tokens: torch.Tensor, trie_arrays: list[torch.Tensor], trie_ints: list[int], log_z: float,
+                          rewards: Optional[torch.Tensor], lam: float, form: str, normalize: str, pref_mode: str,
+                          pref_weight: float, on_invalid: str,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+    """(loss_b, weight_b, nodes, length, lse, g): see _forward."""
+    trie = _unpack(trie_arrays, trie_ints, log_z)
+    return _forward(_head_source(hidden, weight, bias), tokens, trie, rewards,
+                    (lam, form, normalize, pref_mode, pref_weight, on_invalid, backend))
+
+
+@_linear_subtb_loss_op.register_fake
+def _(hidden, weight, bias, tokens, trie_arrays, trie_ints, log_z, rewards, lam, form, normalize, pref_mode,
+      pref_weight, on_invalid, backend):
+    return _fake_forward(hidden, tokens)
+
+
+@torch.library.custom_op("flowkern::linear_subtb_loss_backward", mutates_args=())
+def _linear_subtb_loss_backward_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                                   bias: Optional[torch.Tensor], tokens: torch.Tensor,
+                                   trie_arrays: list[torch.Tensor], trie_ints: list[int], log_z: float,
+                                   nodes: torch.Tensor, length: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                                   form: str, normalize: str, backend: str, weight_grad: bool,
+                                   bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW, db) of Σ_b grad_loss_b · loss_b; dW and db are empty unless asked for."""
+    trie = _unpack(trie_arrays, trie_ints, log_z)
+    stages = _head_stages(_backend(backend, hidden.device), normalize)
+    dh, dw, db = stages.grad(hidden, weight, bias, tokens, nodes, length, trie, lse, g * grad_loss.to(g.dtype)[:, None],
+                             normalize, form == "flower", weight_grad, bias_grad)
+    return dh, weight.new_empty(0) if dw is None else dw, hidden.new_empty(0) if db is None else db
+
+
+@_linear_subtb_loss_backward_op.register_fake
+def _(grad_loss, hidden, weight, bias, tokens, trie_arrays, trie_ints, log_z, nodes, length, lse, g, form,
+      normalize, backend, weight_grad, bias_grad):
+    return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape if weight_grad else 0),
+            hidden.new_empty(bias.shape if bias_grad else 0))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias, tokens, trie_arrays, trie_ints, log_z, _, _, form, normalize, _, _, _, backend = inputs
+    _, loss_weight, nodes, length, lse, g = output
+    ctx.mark_non_differentiable(loss_weight, lse, g)
+    ctx.save_for_backward(hidden, weight, bias, tokens, nodes, length, lse, g, *trie_arrays)
+    ctx.options = (trie_ints, log_z, form, normalize, backend)
+
+
+def _linear_backward(ctx, grad_loss, *_):
+    hidden, weight, bias, tokens, nodes, length, lse, g, *trie_arrays = ctx.saved_tensors
+    needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    needs_bias = needs_bias and bias is not None
+    dh, dw, db = torch.ops.flowkern.linear_subtb_loss_backward(grad_loss, hidden, weight, bias, tokens, trie_arrays,
+                                                               *ctx.options[:2], nodes, length, lse, g,
+                                                               *ctx.options[2:], needs_weight, needs_bias)
+    grads = (dh if needs_hidden else None, dw if needs_weight else None, db if needs_bias else None)
+    return grads + (None, [None] * len(trie_arrays)) + (None,) * 10
+
+
+torch.library.register_autograd("flowkern::linear_subtb_loss", _linear_backward, setup_context=_linear_setup_context)
+
+
 def _subtb_loss_inplace_grad(logits, tokens, trie, rewards, options, reduction):
     """Eager only: under torch.compile a graph break (an error with fullgraph=True)."""
     return torch.compiler.disable(_InplaceGrad.apply)(logits, tokens, trie, rewards, options, reduction)
@@ -241,7 +379,7 @@ class _InplaceGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, tokens, trie, rewards, options, reduction):
-        loss, weight, nodes, length, lse, g = _forward(logits, tokens, trie, rewards, options)
+        loss, weight, nodes, length, lse, g = _forward(_logits_source(logits), tokens, trie, rewards, options)
         reduced = _reduce(loss, weight, reduction)
         scale = 1.0 / weight.sum().clamp(min=1.0) if reduction == "mean" else 1.0
         normalize, backend = options[2], options[6]
@@ -259,17 +397,53 @@ class _InplaceGrad(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _forward(logits, tokens, trie, rewards, options):
-    """Run the four stages on the chosen backend and check what they read: returns
-    (loss_b, weight_b, nodes, length, lse, g) with g = ∂loss_b/∂δ_t."""
+def _forward(source, tokens, trie, rewards, options):
+    """Run the stages on the chosen backend, log π read from `source`, and check what they
+    read: returns (loss_b, weight_b, nodes, length, lse, g) with g = ∂loss_b/∂δ_t."""
     lam, form, normalize, pref_mode, pref_weight, on_invalid, backend = options
-    stages = _backend(backend, logits.device)
+    stages = _backend(backend, source.tensor.device)
     walk, preference = stages.walk_rewards(tokens, trie, rewards, pref_mode, pref_weight)
     flower = form == "flower"
-    log_pf, log_pterm, lse = stages.log_probs(logits, tokens, walk.nodes, walk.length, trie, normalize, flower)
+    log_pf, log_pterm, lse = source.log_probs(stages, tokens, walk.nodes, walk.length, trie, normalize, flower)
     loss, weight, g = stages.pair_sum(log_pf, log_pterm, walk.log_reward, walk.length, lam)
-    _check_read_values(walk, tokens, logits.shape[-1], trie, on_invalid, rewards, preference, log_pf, log_pterm)
+    _check_read_values(walk, tokens, source, trie, on_invalid, rewards, preference, log_pf, log_pterm)
     return loss, weight, walk.nodes, walk.length, lse, g
+
+
+class _Source(NamedTuple):
+    """What log π is read from, logits (B, T, V) or hidden states (B, T, H) with an output
+    layer, and the words its errors use."""
+
+    tensor: torch.Tensor  # the logits or the hidden states: the batch's shape and device
+    vocab: int
+    log_probs: Callable  # (stages, tokens, nodes, length, trie, normalize, flower) -> stages.log_probs' result
+    name: str  # "logits" / "hidden", and its verb
+    are: str
+    table: str  # what holds the vocabulary, its verb and its unit
+    have: str
+    unit: str
+    at: str  # where row (b, t) is read, a format string
+    holds: str
+
+
+def _logits_source(logits):
+    return _Source(logits, logits.shape[-1], lambda stages, *args: stages.log_probs(logits, *args), "logits", "are",
+                   "logits", "have", "columns", "logits[{}, {}]", "the logits hold")
+
+
+def _head_source(hidden, weight, bias):
+    def log_probs(stages, tokens, nodes, length, trie, normalize, flower):
+        return _head_stages(stages, normalize).log_probs(hidden, weight, bias, tokens, nodes, length, trie, normalize,
+                                                         flower)
+
+    return _Source(hidden, weight.shape[0], log_probs, "hidden", "is", "weight", "has", "rows",
+                   "hidden[{}, {}] @ weight.T", "hidden, weight or bias hold")
+
+
+def _head_stages(stages, normalize):
+    """The head's stages: Triton kernels for the trie policy on the Triton backend, else the
+    PyTorch ones (the full softmax's chunks are matrix products on any device)."""
+    return stages.head if stages is not eager and normalize == "trie" else head
 
 
 def _backend(name, device):
@@ -322,32 +496,64 @@ def _check_options(lam, normalize, form, pref_mode, pref_weight, reduction, on_i
 
 
 def _check_inputs(logits, tokens, trie):
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a (B, T, V) tensor, got {describe(logits)}")
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be a (B, T, V) tensor, got {describe(logits)}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    _check_float_tensor("logits", logits, "(B, T, V)", 3)
+    _check_batch(_logits_source(logits), tokens, trie)
+
+
+def _check_head_inputs(hidden, weight, bias, tokens, trie):
+    """Check what linear_subtb_loss and linear_sequence_log_probs read; returns their source."""
+    _check_float_tensor("hidden", hidden, "(B, T, H)", 3)
+    expected = f"(V, H) = (V, {hidden.shape[-1]})"
+    _check_float_tensor("weight", weight, expected, 2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be a {expected} tensor (H from hidden), got {describe(weight)}")
+    if bias is not None:
+        expected = f"(V,) = ({weight.shape[0]},)"
+        _check_float_tensor("bias", bias, expected, 1)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must be a {expected} tensor (V from weight), got {describe(bias)}")
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and value.dtype != hidden.dtype:
+            raise TypeError(f"{name} is {value.dtype} but hidden is {hidden.dtype}: they must share a dtype")
+        if value is not None and value.device != hidden.device:
+            raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}: they must share a device")
+    source = _head_source(hidden, weight, bias)
+    _check_batch(source, tokens, trie)
+    return source
+
+
+def _check_float_tensor(name, value, shape, dims):
+    """`value` must be a floating-point tensor of `dims` dimensions, `shape` in words."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a {shape} tensor, got {describe(value)}")
+    if value.dim() != dims:
+        raise ValueError(f"{name} must be a {shape} tensor, got {describe(value)}")
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
+
+
+def _check_batch(source, tokens, trie):
+    """tokens and trie against the logits or hidden states they go with."""
     check_token_tensor("tokens", tokens)
-    if tokens.shape != logits.shape[:2]:
-        raise ValueError(f"tokens has shape {tuple(tokens.shape)} but logits has shape {tuple(logits.shape)}: "
-                         f"tokens must be (B, T) = {tuple(logits.shape[:2])}")
+    shape = tuple(source.tensor.shape)
+    if tokens.shape != shape[:2]:
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)} but {source.name} has shape {shape}: "
+                         f"tokens must be (B, T) = {shape[:2]}")
     if not isinstance(trie, Trie):
         raise TypeError(f"trie must be a flowkern.Trie, got {type(trie).__name__}")
     for name, device in (("tokens", tokens.device), ("trie", trie.device)):
-        if device != logits.device:
-            raise ValueError(f"{name} is on {device} but logits are on {logits.device}: move it with "
-                             f"{name}.to(logits.device)")
-    vocab = logits.shape[-1]
-    if trie.max_token >= vocab:
-        raise ValueError(f"logits have V = {vocab} columns but the trie holds token id {trie.max_token}: "
-                         f"the vocabulary must cover every trie token")
+        if device != source.tensor.device:
+            raise ValueError(f"{name} is on {device} but {source.name} {source.are} on {source.tensor.device}: "
+                             f"move it with {name}.to({source.name}.device)")
+    if trie.max_token >= source.vocab:
+        raise ValueError(f"{source.table} {source.have} V = {source.vocab} {source.unit} but the trie holds token id "
+                         f"{trie.max_token}: the vocabulary must cover every trie token")
     if tokens.shape[1] < trie.min_depth:
         raise ValueError(f"T = {tokens.shape[1]} positions is too short: the shortest item in the trie "
                          f"takes {trie.min_depth} (its tokens and the termination token)")
 
 
-def _check_trajectories(walk, tokens, vocab, eos, on_invalid):
+def _check_trajectories(walk, tokens, source, eos, on_invalid):
     """Raise on the first trajectory that does not reach a leaf, unless on_invalid="ignore"."""
     invalid = walk.length < 0
     if on_invalid == "error" and bool(invalid.any()):
@@ -357,37 +563,37 @@ def _check_trajectories(walk, tokens, vocab, eos, on_invalid):
             raise ValueError(f"tokens[{b}] has no termination token (eos_token_id = {eos}) in its "
                              f"T = {tokens.shape[1]} positions: every trajectory must end with it")
         token = int(tokens[b, position])
-        if not 0 <= token < vocab:
-            raise ValueError(f"tokens[{b}, {position}] = {token} is not a token id of logits with V = {vocab} "
-                             f"columns")
+        if not 0 <= token < source.vocab:
+            raise ValueError(f"tokens[{b}, {position}] = {token} is not a token id of {source.table} with "
+                             f"V = {source.vocab} {source.unit}")
         raise ValueError(f"tokens[{b}, {position}] = {token} leaves the trie: it is not a child of the state "
                          f"reached by tokens[{b}, :{position}] (on_invalid='ignore' drops such trajectories)")
 
 
-def _check_finite_log_probs(log_probs, b, t, taken):
-    """log_probs: (R, K), row i read at logits[b_i, t_i] for token taken_i."""
+def _check_finite_log_probs(log_probs, b, t, taken, source):
+    """log_probs: (R, K), row i read at (b_i, t_i) of the source for token taken_i."""
     bad = ~torch.isfinite(log_probs).all(1)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise ValueError(f"logits[{int(b[i])}, {int(t[i])}] give log-probabilities {log_probs[i].tolist()} "
-                         f"(token {int(taken[i])}): the logits hold NaN/inf there or give the taken token "
+        raise ValueError(f"{source.at.format(int(b[i]), int(t[i]))} give log-probabilities {log_probs[i].tolist()} "
+                         f"(token {int(taken[i])}): {source.holds} NaN/inf there or give the taken token "
                          f"zero probability")
 
 
-def _check_rewards(rewards, batch, num_items, device):
+def _check_rewards(rewards, batch, num_items, source):
     """Type, device and shape of the preference scores; their values are checked in the op."""
     if rewards is None:
         return
     if not isinstance(rewards, torch.Tensor) or rewards.dtype == torch.bool or rewards.dtype.is_complex:
         raise TypeError(f"rewards must be None or a real tensor of preference scores, got {describe(rewards)}")
-    if rewards.device != device:
-        raise ValueError(f"rewards are on {rewards.device} but logits are on {device}")
+    if rewards.device != source.tensor.device:
+        raise ValueError(f"rewards are on {rewards.device} but {source.name} {source.are} on {source.tensor.device}")
     if rewards.shape != (batch,) and rewards.shape != (batch, num_items):
         raise ValueError(f"rewards must have shape (B,) = ({batch},) or (B, num_items) = ({batch}, {num_items}), "
                          f"got {tuple(rewards.shape)}")
 
 
-def _check_read_values(walk, tokens, vocab, trie, on_invalid, rewards, preference, log_pf, log_pterm):
+def _check_read_values(walk, tokens, source, trie, on_invalid, rewards, preference, log_pf, log_pterm):
     """One device sync for every data-dependent check; on failure the first problem, in the
     order trajectories, preferences, log-probabilities, is raised."""
     invalid = walk.length < 0 if on_invalid == "error" else torch.zeros_like(walk.length, dtype=torch.bool)
@@ -397,10 +603,10 @@ def _check_read_values(walk, tokens, vocab, trie, on_invalid, rewards, preferenc
     not_finite = used & ~torch.isfinite(log_probs).all(-1)
     if not bool(torch.stack([invalid.any(), bad_preference.any(), not_finite.any()]).any()):
         return
-    _check_trajectories(walk, tokens, vocab, trie.eos_token_id, on_invalid)
+    _check_trajectories(walk, tokens, source, trie.eos_token_id, on_invalid)
     if bool(bad_preference.any()):
         b = int(bad_preference.nonzero()[0])
         where = f"rewards[{b}, {int(walk.item[b])}] (trajectory {b}'s item)" if rewards.dim() == 2 else f"rewards[{b}]"
         raise ValueError(f"{where} = {float(preference[b])}: preference scores must be finite and > 0")
     b, t = used.nonzero(as_tuple=True)
-    _check_finite_log_probs(log_probs[b, t], b, t, tokens[b, t])
+    _check_finite_log_probs(log_probs[b, t], b, t, tokens[b, t], source)

@@ -19,6 +19,8 @@ import flowkern
 from reference import subtb as ref
 from tests.strategies import Catalogue, batches, make_batch, movie_catalogue
 from tests.test_errors import CASES, call
+from tests.test_head import HEAD_CASES, assert_rounded_once, assert_same, both_paths, head_inputs, values_and_grads
+from tests.test_head import call as head_call
 from tests.test_subtb import VARIANTS, loss_and_grad, preference_for
 
 from flowkern import eager
@@ -302,18 +304,89 @@ def test_inplace_grad_under_compile_is_a_graph_break():
         torch.compile(step, fullgraph=True)(logits.clone().requires_grad_())
 
 
+# ---- the restricted head (flowkern.linear_subtb_loss), trie policy ---------------------------
+
+def head_on_both_backends(inputs, trie, tokens, upstream=None, **options):
+    """(loss, grads) of linear_subtb_loss on the Triton path and on the PyTorch path."""
+    return [values_and_grads(lambda h, w, b: flowkern.linear_subtb_loss(h, w, trie, tokens=tokens, bias=b,
+                                                                        backend=backend, **options),
+                             inputs, upstream) for backend in ("triton", "torch")]
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=batches(max_batch=3), lam=st.sampled_from([1.0, 0.9]), reduction=st.sampled_from(["mean", "none"]),
+       hidden_size=st.integers(1, 5), with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_head_kernels_match_the_torch_path_in_float64(batch, lam, reduction, hidden_size, with_bias, seed):
+    inputs = [None if x is None else x.to(DEVICE) for x in head_inputs(batch, hidden_size, with_bias, seed)]
+    upstream = torch.randn(batch.tokens.shape[0], dtype=torch.float64).to(DEVICE) if reduction == "none" else None
+    trie, tokens = batch.catalogue.trie().to(DEVICE), batch.tokens.to(DEVICE)
+    got, want = head_on_both_backends(inputs, trie, tokens, upstream, lam=lam, reduction=reduction)
+    assert_same(got, want, rtol=1e-9, atol=1e-9)
+
+
+WIDE = Catalogue([[token, 1 + token % 3] for token in range(4, 154)] + [[4], [5, 2, 9]], None, eos=0)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_head_kernels_over_many_children_and_a_wide_hidden_state_in_float32(frozen):
+    """150 children at the root (several blocks of children) and H = 200 (several blocks of
+    H); a frozen head (no dW) too."""
+    batch = make_batch(WIDE, [0, 7, 149, 150, 151, 3], seed=12, extra_steps=1, extra_vocab=30)
+    inputs = [x.to(DEVICE) for x in head_inputs(batch, 200, True, seed=12, dtype=torch.float32)]
+    trie, tokens = WIDE.trie().to(DEVICE), batch.tokens.to(DEVICE)
+    if frozen:
+        inputs[0].requires_grad_()
+        losses = [flowkern.linear_subtb_loss(inputs[0], *inputs[1:2], trie, tokens=tokens, bias=inputs[2],
+                                             backend=backend) for backend in ("triton", "torch")]
+        grads = [torch.autograd.grad(loss, inputs[0])[0] for loss in losses]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+        return
+    got, want = head_on_both_backends(inputs, trie, tokens, lam=0.9)
+    assert_same(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head_kernels_in_low_precision_round_once(dtype):
+    """As the PyTorch path: float32 arithmetic, each gradient rounded once to the dtype."""
+    batch = make_batch(SMALL, [0, 1, 2, 3, 4, 0, 2], seed=13, extra_steps=1, extra_vocab=200)
+    inputs = [x.to(DEVICE) for x in head_inputs(batch, 32, True, seed=13, dtype=dtype)]
+    trie, tokens = SMALL.trie().to(DEVICE), batch.tokens.to(DEVICE)
+    got, _ = head_on_both_backends(inputs, trie, tokens, lam=0.9)
+    assert_rounded_once(got, both_paths(*(x.double() for x in inputs), trie, tokens, lam=0.9)[1], dtype)
+
+
+def test_head_kernels_read_only_the_childrens_rows_of_weight():
+    batch = make_batch(SMALL, [0, 1, 2, 4], seed=14, extra_vocab=20)
+    hidden, weight, bias = (x.to(DEVICE) for x in head_inputs(batch, 6, True, seed=14))
+    trie, tokens = SMALL.trie().to(DEVICE), batch.tokens.to(DEVICE)
+    junk_weight, junk_bias = weight.clone(), bias.clone()
+    junk_weight[5:], junk_bias[5:] = float("nan"), float("inf")  # the trie's tokens are 0 .. 4
+    clean, junk = (head_on_both_backends(inputs, trie, tokens)[0] for inputs in ([hidden, weight, bias],
+                                                                                 [hidden, junk_weight, junk_bias]))
+    assert torch.equal(clean[0], junk[0]) and all(torch.equal(c, j) for c, j in zip(clean[1], junk[1]))
+    assert (junk[1][1][5:] == 0).all() and (junk[1][2][5:] == 0).all()
+
+
+@pytest.mark.skipif(CUDA, reason="the cases are CPU tensors, for the interpreter")
+@pytest.mark.parametrize("changes, error, message", HEAD_CASES.values(), ids=HEAD_CASES.keys())
+def test_head_bad_input_gives_the_same_errors(changes, error, message):
+    with pytest.raises(error, match=message):
+        head_call(**{"backend": "triton", **changes})
+
+
 COMPILE_FOR_SM90 = """
 import inspect, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from flowkern.kernels import policy, subtb, walk
+from flowkern.kernels import head, policy, subtb, walk
 
 def pointer_type(name, logits, acc):
     table = {"logits": logits, "out": logits, "edge_tokens": "i32", "leaf_nodes": "i32", "leaf_items": "i32",
              "rewards": "fp32", "log_flow": "fp64", "log_r": "fp64", "preference": "fp64", "pref_weight": "fp64",
-             "lam": "fp64"}
+             "lam": "fp64", "hidden": logits, "weight": logits, "bias": logits}
     return "*" + table.get(name[:-4], "i64" if name[:-4] in ("tokens", "offsets", "leaf_item_offsets", "nodes",
-                                                              "length", "item", "left_at") else acc)
+                                                              "length", "item", "left_at", "slot") else acc)
 
 def compile(kernel, logits, constants, **options):
     names = list(inspect.signature(kernel.fn).parameters)
@@ -332,6 +405,12 @@ for logits in ("bf16", "fp32", "fp64"):
         compile(policy._logits_grad_kernel, logits, constants, num_warps=8)
     for flower in (False, True):
         compile(subtb._pair_sum_kernel, logits, dict(FLOWER=flower, BLOCK_T=256))
+    for has_bias in (False, True):
+        blocks = dict(HAS_BIAS=has_bias, CHILD_BLOCK=64, BLOCK_H=128)
+        compile(head._head_log_probs_kernel, logits, blocks, num_warps=4)
+        for weight_grad in (False, True):
+            compile(head._head_grad_kernel, logits, dict(blocks, WEIGHT_GRAD=weight_grad, BIAS_GRAD=has_bias),
+                    num_warps=4)
 print("compiled")
 """
 

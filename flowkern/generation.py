@@ -8,12 +8,17 @@ At a trie node s the model may only emit a child token of s; the constrained pol
   sample             ancestral sampling of rollouts with a KV cache, per-row temperature
   recommend          beam search for the top-K items by sequence log-probability
   TrieLogitsProcessor  the same constraint for Hugging Face `model.generate`
+
+`sample` and `recommend` take restricted_head=True to run only the model's body and compute
+the children's logits from its last hidden state and the output layer's rows at the
+children's tokens (flowkern/head.py): the same policy without the (B, V) logits of a step.
 """
 
 from typing import NamedTuple, Optional
 
 import torch
 
+from flowkern import head
 from flowkern._checks import check_count, check_number, describe
 from flowkern.models import forward_parameters
 from flowkern.trie import Trie
@@ -37,6 +42,11 @@ def children_logits(logits: torch.Tensor, nodes: torch.Tensor, trie: Trie) -> Ch
     are in ascending token order.  Reads Σ_b deg(nodes[b]) logits, nothing else.  A leaf
     (no children) gives a row of −inf."""
     _check_step(logits, nodes, trie)
+    return _children(nodes, trie, lambda tokens, present: logits.gather(1, tokens).masked_fill(~present, float("-inf")))
+
+
+def _children(nodes, trie, values):
+    """Children of the padded layout, their logits from values(tokens (B, D), present (B, D))."""
     start = trie.offsets[nodes]
     degree = trie.offsets[nodes + 1] - start
     width = max(int(degree.max()), 1) if nodes.numel() else 1
@@ -44,8 +54,7 @@ def children_logits(logits: torch.Tensor, nodes: torch.Tensor, trie: Trie) -> Ch
     present = slot < degree[:, None]
     edges = torch.where(present, start[:, None] + slot, 0)
     tokens = torch.where(present, trie.tokens[edges].long(), trie.eos_token_id)
-    values = logits.gather(1, tokens).masked_fill(~present, float("-inf"))
-    return Children(values, tokens, torch.where(present, edges + 1, 0))
+    return Children(values(tokens, present), tokens, torch.where(present, edges + 1, 0))
 
 
 def mask_logits(logits: torch.Tensor, nodes: torch.Tensor, trie: Trie, *, inplace: bool = False) -> torch.Tensor:
@@ -76,7 +85,8 @@ class Samples(NamedTuple):
 
 @torch.no_grad()
 def sample(model, prompt_ids, trie: Trie, num_samples: int = 1, temperature=1.0, max_len: Optional[int] = None, *,
-           generator: Optional[torch.Generator] = None, return_log_probs: bool = False) -> Samples:
+           generator: Optional[torch.Generator] = None, return_log_probs: bool = False,
+           restricted_head: bool = False) -> Samples:
     """Draw `num_samples` items per prompt from the trie-constrained policy of `model`, token
     by token with the model's KV cache, each row stopping at its termination token.
 
@@ -87,8 +97,11 @@ def sample(model, prompt_ids, trie: Trie, num_samples: int = 1, temperature=1.0,
                  are divided by it before the softmax.
     max_len:     the most tokens a row may take, termination included; default and minimum:
                  `trie.depth`, so that every item fits.
+    restricted_head: run only the model's body and take the children's logits from its last
+                 hidden state and the output layer (which must be a plain torch.nn.Linear,
+                 under a peft wrapper or not): the same distribution, without V logits a step.
     """
-    decoder = _Decoder(model, prompt_ids, trie)
+    decoder = _Decoder(model, prompt_ids, trie, restricted_head)
     check_count("num_samples", num_samples)
     rows = decoder.batch * num_samples
     temperature = _row_values("temperature", temperature, rows, decoder.device)
@@ -104,7 +117,7 @@ def sample(model, prompt_ids, trie: Trie, num_samples: int = 1, temperature=1.0,
     done = torch.zeros(rows, dtype=torch.bool, device=decoder.device)
     steps = 0
     for t in range(max_len):
-        children = children_logits(decoder.logits, node, trie)
+        children = decoder.children(node)
         policy = torch.log_softmax(children.logits.float() / temperature[:, None], dim=-1)
         pick = torch.multinomial(policy.exp(), 1, generator=generator)
         token = torch.where(done, eos, children.tokens.gather(1, pick)[:, 0])
@@ -131,7 +144,8 @@ class Recommendations(NamedTuple):
 
 @torch.no_grad()
 def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional[int] = None, titles=None,
-              length_normalize: bool = False, temperature: float = 1.0) -> Recommendations:
+              length_normalize: bool = False, temperature: float = 1.0,
+              restricted_head: bool = False) -> Recommendations:
     """The K best distinct items for each prompt by beam search under the trie-constrained
     policy, ranked by sequence log-probability Σ_t log π_t (termination token included).
 
@@ -144,8 +158,9 @@ def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional
     titles:           a sequence of item titles indexed by item id, to return them too.
     temperature:      the children's logits are divided by it (the "Temp" baseline); scores are
                       then log-probabilities of that tempered policy.
+    restricted_head:  as for `sample`.
     """
-    decoder = _Decoder(model, prompt_ids, trie)
+    decoder = _Decoder(model, prompt_ids, trie, restricted_head)
     check_count("k", k)
     check_number("temperature", temperature, positive=True)
     if k > trie.num_items:
@@ -163,7 +178,7 @@ def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional
     best_score = best_key.clone()
     best_leaf = torch.zeros(prompts, k, dtype=torch.long, device=device)
     for t in range(trie.depth):
-        children = children_logits(decoder.logits, node, trie)
+        children = decoder.children(node)
         width = children.tokens.shape[1]
         candidate = (score.view(-1, 1) + torch.log_softmax(children.logits.float() / temperature, -1)).view(prompts, -1)
         ends = (children.tokens == eos).view(prompts, -1)
@@ -223,47 +238,57 @@ class TrieLogitsProcessor(LogitsProcessor):
 
 
 class _Decoder:
-    """A batch of prompts decoded in step with a KV cache: `logits` holds each row's
-    next-token logits (B, V); `step` appends one token per row."""
+    """A batch of prompts decoded in step with a KV cache: `state` holds each row's next-token
+    logits (B, V), or with the restricted head its last hidden state (B, H); `children` gives
+    the children's logits at each row's node and `step` appends one token per row."""
 
-    def __init__(self, model, prompt_ids, trie):
+    def __init__(self, model, prompt_ids, trie, restricted_head):
         if not isinstance(trie, Trie):
             raise TypeError(f"trie must be a flowkern.Trie, got {type(trie).__name__}")
-        self.model = model
+        self.trie = trie
         self.device = _model_device(model)
         if trie.device != self.device:
             raise ValueError(f"trie is on {trie.device} but the model is on {self.device}: use trie.to({self.device!r})")
+        self.head = head.linear_head(model) if restricted_head else None
+        self.runner = model if self.head is None else self.head.body
         input_ids, self.attention_mask = _left_pad(prompt_ids, self.device)
         self.batch = input_ids.shape[0]
-        parameters = forward_parameters(model)
+        parameters = forward_parameters(self.runner)
         self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.cache = _new_cache()
         self.positions = self.attention_mask.sum(1)
-        self.logits = self._run(input_ids, (self.attention_mask.cumsum(1) - 1).clamp(min=0))
-        vocab = self.logits.shape[-1]
+        self.state = self._run(input_ids, (self.attention_mask.cumsum(1) - 1).clamp(min=0))
+        vocab = self.state.shape[-1] if self.head is None else self.head.weight.shape[0]
         if trie.max_token >= vocab:
             raise ValueError(f"the model's logits have V = {vocab} columns but the trie holds token id "
                              f"{trie.max_token}")
 
+    def children(self, nodes: torch.Tensor) -> Children:
+        if self.head is None:
+            return children_logits(self.state, nodes, self.trie)
+        weight, bias = self.head.weight, self.head.bias
+        return _children(nodes, self.trie, lambda tokens, present: head.children_logits(
+            self.state, weight, bias, nodes, self.trie, tokens.shape[1]))
+
     def repeat(self, times: int) -> None:
         """Every row `times` times in a row (prompt-major)."""
-        self.select(torch.arange(self.logits.shape[0], device=self.device).repeat_interleave(times))
+        self.select(torch.arange(self.state.shape[0], device=self.device).repeat_interleave(times))
 
     def select(self, rows: torch.Tensor) -> None:
         self.cache.reorder_cache(rows)
-        self.attention_mask, self.positions, self.logits = (
-            self.attention_mask[rows], self.positions[rows], self.logits[rows])
+        self.attention_mask, self.positions, self.state = (
+            self.attention_mask[rows], self.positions[rows], self.state[rows])
 
     def step(self, tokens: torch.Tensor) -> None:
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(tokens), 1)], 1)
-        self.logits = self._run(tokens[:, None], self.positions[:, None])
+        self.state = self._run(tokens[:, None], self.positions[:, None])
         self.positions = self.positions + 1
 
     def _run(self, input_ids, position_ids):
-        out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
-                         use_cache=True, **{self.cache_keyword: self.cache}, **self.keep_last)
-        return out.logits[:, -1]
+        out = self.runner(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
+                          use_cache=True, **{self.cache_keyword: self.cache}, **self.keep_last)
+        return (out.logits if self.head is None else out.last_hidden_state)[:, -1]
 
 
 def _new_cache():

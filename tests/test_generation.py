@@ -215,6 +215,85 @@ def test_logits_processor_sampling_gives_items():
     assert (trie.walk(out[:, prompt.shape[1]:]).length >= 0).all()
 
 
+# ---- restricted head: the body's hidden state and the children's rows of the output layer ----
+
+def restricted_models():
+    """Tiny Qwen2s: tied embeddings, an untied head with a bias, and one under LoRA."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    models = {}
+    for name, tied in (("tied", True), ("untied with bias", False)):
+        torch.manual_seed(3)
+        config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+        models[name] = Qwen2ForCausalLM(config).eval()
+    head = models["untied with bias"].lm_head
+    head.bias = torch.nn.Parameter(torch.randn(VOCAB, generator=torch.Generator().manual_seed(4)))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    models["LoRA"] = get_peft_model(tiny_qwen2(VOCAB, seed=5), lora).eval()
+    return models
+
+
+@pytest.mark.parametrize("name", ["tied", "untied with bias", "LoRA"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_restricted_head_samples_what_the_full_head_samples(name, temperature):
+    """Same seed, same samples: the children's logits agree to float32 rounding (different
+    summation order), so every draw falls on the same side of the same boundaries; the
+    log-probabilities agree to 1e-5."""
+    model = restricted_models()[name]
+    trie = CATALOGUE.trie()
+    prompts = [[3, 4, 5], [9], [20, 21]]
+    draws = [flowkern.sample(model, prompts, trie, num_samples=40, temperature=temperature, return_log_probs=True,
+                             generator=torch.Generator().manual_seed(6), restricted_head=restricted)
+             for restricted in (False, True)]
+    assert torch.equal(draws[0].tokens, draws[1].tokens) and torch.equal(draws[0].items, draws[1].items)
+    torch.testing.assert_close(draws[1].log_probs, draws[0].log_probs, rtol=1e-5, atol=1e-5)
+    assert len(set(draws[0].items.tolist())) >= 3  # the draws differ between rows
+
+
+@pytest.mark.parametrize("name", ["tied", "untied with bias", "LoRA"])
+def test_restricted_head_recommends_what_the_full_head_recommends(name):
+    model = restricted_models()[name]
+    trie = CATALOGUE.trie()
+    got, want = (flowkern.recommend(model, [[3, 4, 5], [9]], trie, k=4, num_beams=5, temperature=1.3,
+                                    restricted_head=restricted) for restricted in (True, False))
+    assert torch.equal(got.items, want.items)
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+
+
+class SoftCapped(torch.nn.Module):
+    """A causal LM whose logits are the output layer's, soft-capped (as Gemma 2's)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        out = self.model(**inputs)
+        return SimpleNamespace(logits=30 * torch.tanh(out.logits / 30))
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def get_decoder(self):
+        return self.model.get_decoder()
+
+
+@pytest.mark.parametrize("make_model, message", [
+    (lambda trie: FlowModel(trie, VOCAB, 1), r"needs get_output_embeddings\(\) to be a plain torch.nn.Linear, got "
+                                             r"NoneType"),
+    (lambda trie: SoftCapped(tiny_qwen2(VOCAB)), "the model's logits are not its output layer applied to its body's "
+                                                 "last hidden state"),
+])
+def test_restricted_head_needs_a_model_that_ends_in_a_linear_layer(make_model, message):
+    trie = CATALOGUE.trie()
+    model = make_model(trie)
+    with pytest.raises(ValueError, match=message):
+        flowkern.sample(model, [[3]], trie, restricted_head=True)
+    assert flowkern.sample(model, [[3]], trie).items.shape == (1,)  # the full head works
+
+
 # ---- bad input ------------------------------------------------------------------------
 
 MODEL = tiny_qwen2(VOCAB)

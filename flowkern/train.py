@@ -1,11 +1,19 @@
 """python -m flowkern.train: fine-tune an LLM recommender with Flower, or with plain SFT.
 
 Flower (arXiv 2503.07377, Eq. 12):  loss = (1 − w)·SFT + w·SubTB
-  SFT    token cross-entropy of the ground-truth title and its "\\n" (BIGRec), full vocabulary
+  SFT    token cross-entropy of the ground-truth title and its "\\n" (BIGRec), normalised over
+         the full vocabulary, or with `--sft-normalize trie` over the trie children (the
+         likelihood a constrained decoder uses)
   SubTB  flowkern.subtb_loss on the model's own rollouts: for every prompt of the batch,
          `--rollouts` items are sampled from the trie-constrained policy, each at a
          temperature drawn from `--rollout-temperature`, then re-scored with gradients
 `--objective sft` is the BIGRec baseline (w = 0); `--eval-temperature` the "Temp" baseline.
+
+When the model's output layer is a plain Linear (flowkern.head.linear_head), the losses,
+rollouts and evaluation read the body's last hidden states and compute only the logits they
+need (the restricted head: the trie children's, or the vocabulary in chunks for SFT over
+it), never all V logits of every position; `--full-head` computes the logits as the model
+does instead.
 
 Every run evaluates the model before training (step 0) and after it, on the same split, with
 the paper's metrics (flowkern.metrics), and writes under --out: config.json, metrics.jsonl,
@@ -28,6 +36,7 @@ import torch.distributed as dist
 import flowkern
 from flowkern import metrics, plots
 from flowkern.data import load_task
+from flowkern.head import linear_head
 from flowkern.models import add_lora, forward_parameters, load_model, load_weights, save_checkpoint
 
 DEFAULT_OUT = os.path.join("runs", "default")
@@ -64,6 +73,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-samples", type=int, default=10_000, help="history-free: samples drawn to evaluate")
     p.add_argument("--eval-temperature", type=float, default=1.0, help="decoding temperature at evaluation")
     p.add_argument("--num-beams", type=int, default=10, help="beam width of the top-10 recommendation")
+    p.add_argument("--sft-normalize", choices=["full", "trie"], default="full",
+                   help="SFT cross-entropy over the full vocabulary (BIGRec) or over the trie children (restricted SFT)")
+    p.add_argument("--full-head", action="store_true",
+                   help="compute all V logits for the losses, rollouts and evaluation (default: only those needed, "
+                        "from the body's hidden states, when the model's output layer is a plain Linear)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -93,6 +107,8 @@ def main(argv=None):
     model = (add_lora(loaded.model, lora_r) if lora_r > 0 else loaded.model).to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    head, why_full = output_head(model, args.full_head)
+    scorer = Scorer(model, head)
     task = load_task(args.data, loaded.tokenizer)
     if args.pref_scores and task.mode != "history":
         raise SystemExit("--pref-scores needs a dataset with history")
@@ -115,30 +131,31 @@ def main(argv=None):
         run.say(f"resumed from {checkpoint} at step {start}")
     elif args.resume:
         raise SystemExit(f"--resume: no checkpoint at {checkpoint}")
-    raw = model
+    trained = scorer
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    run.write_config(args, loaded, task, trie, lora_r, lr, max_steps, world)
-    evaluator = Evaluator(task, trie, args, rank, world)
+        trained = torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda"
+                                                            else None)
+    run.write_config(args, loaded, task, trie, lora_r, lr, max_steps, world, why_full)
+    evaluator = Evaluator(task, trie, args, rank, world, scorer)
     final_split = "test" if task.mode == "history" else "all"
 
     if start == 0:
-        run.log_eval(0, final_split, evaluator(raw, final_split))
+        run.log_eval(0, final_split, evaluator(final_split))
     progress = run.progress(range(start, max_steps), total=max_steps, initial=start)
     for step in progress:
         torch.manual_seed(args.seed * 1_000_003 + step * 101 + rank)
-        losses = train_step(model, raw, optimizer, task, trie, preferences, args, step, rank, world, steps_per_epoch)
+        losses = train_step(trained, optimizer, task, trie, preferences, args, step, rank, world, steps_per_epoch)
         progress.set_postfix(sft=f"{losses['sft']:.3f}", subtb=f"{losses['subtb']:.3f}")
         run.log({"step": step + 1, "split": "train", **losses})
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < max_steps:
             run.log_eval(step + 1, "valid" if task.mode == "history" else "all",
-                         evaluator(raw, "valid" if task.mode == "history" else "all"))
+                         evaluator("valid" if task.mode == "history" else "all"))
         if rank == 0 and args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(raw, loaded.tokenizer, {"step": step + 1, "optimizer": optimizer.state_dict()}, checkpoint)
+            save_checkpoint(model, loaded.tokenizer, {"step": step + 1, "optimizer": optimizer.state_dict()},
+                            checkpoint)
     if rank == 0 and start < max_steps:
-        save_checkpoint(raw, loaded.tokenizer, {"step": max_steps, "optimizer": optimizer.state_dict()}, checkpoint)
-    after = evaluator(raw, final_split)
+        save_checkpoint(model, loaded.tokenizer, {"step": max_steps, "optimizer": optimizer.state_dict()}, checkpoint)
+    after = evaluator(final_split)
     run.log_eval(max_steps, final_split, after)
     run.finish(task, evaluator, after)
     if world > 1:
@@ -147,8 +164,10 @@ def main(argv=None):
 
 # ---- one optimiser step --------------------------------------------------------------------
 
-def train_step(model, raw, optimizer, task, trie, preferences, args, step, rank, world, steps_per_epoch):
-    """(1 − w)·SFT + w·SubTB over `grad_accum` micro-batches; returns the mean losses."""
+def train_step(model, optimizer, task, trie, preferences, args, step, rank, world, steps_per_epoch):
+    """(1 − w)·SFT + w·SubTB over `grad_accum` micro-batches; returns the mean losses.
+    `model` is the Scorer, or the DistributedDataParallel wrapping it."""
+    scorer = unwrap(model)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     totals = {"sft": 0.0, "subtb": 0.0, "loss": 0.0}
@@ -159,17 +178,17 @@ def train_step(model, raw, optimizer, task, trie, preferences, args, step, rank,
         continuations = [task.item_tokens[t] + [task.eos_token_id] for t in targets]
         rollout_prompts, rewards = [], None
         if args.gfn_weight > 0:
-            samples = rollouts(raw, prompts, trie, args, generator)
+            samples = rollouts(scorer, prompts, trie, args, generator)
             rollout_prompts = [p for p in prompts for _ in range(args.rollouts)]
             continuations += [row[:n].tolist() for row, n in zip(samples.tokens.cpu(), samples.lengths.tolist())]
             if preferences is not None:
                 rewards = preferences[torch.tensor(rows).repeat_interleave(args.rollouts)].to(trie.device)
-        logits, tokens = score(model, prompts + rollout_prompts, continuations, task.eos_token_id, trie.device)
+        scores, tokens = score(model, prompts + rollout_prompts, continuations, task.eos_token_id, trie.device)
         sft_rows = len(prompts)
-        log_p = flowkern.sequence_log_probs(logits[:sft_rows], trie, tokens=tokens[:sft_rows], normalize="full")
+        log_p = scorer.sequence_log_probs(scores[:sft_rows], trie, tokens[:sft_rows], args.sft_normalize)
         sft = -log_p.sum() / sum(len(c) for c in continuations[:sft_rows])
-        subtb = (flowkern.subtb_loss(logits[sft_rows:], trie, rewards, tokens=tokens[sft_rows:], lam=args.lam,
-                                     pref_mode=args.pref_mode) if args.gfn_weight > 0 else torch.zeros(()))
+        subtb = (scorer.subtb_loss(scores[sft_rows:], trie, rewards, tokens[sft_rows:], lam=args.lam,
+                                   pref_mode=args.pref_mode) if args.gfn_weight > 0 else torch.zeros(()))
         loss = (1 - args.gfn_weight) * sft + args.gfn_weight * subtb
         (loss / args.grad_accum).backward()
         for name, value in (("sft", sft), ("subtb", subtb), ("loss", loss)):
@@ -193,22 +212,70 @@ def batch_rows(task, args, step, micro, rank, world, steps_per_epoch, generator)
     return rows, [task.train[r].target for r in rows]
 
 
-def rollouts(raw, prompts, trie, args, generator):
+def rollouts(scorer, prompts, trie, args, generator):
     """`args.rollouts` trie-constrained samples per prompt, each at its own temperature."""
     low, high = args.rollout_temperature
     temperature = low + (high - low) * torch.rand(len(prompts) * args.rollouts, generator=generator)
-    raw.eval()
-    samples = flowkern.sample(raw, prompts, trie, num_samples=args.rollouts, temperature=temperature,
-                              generator=generator)
-    raw.train()
+    scorer.model.eval()
+    samples = flowkern.sample(scorer.model, prompts, trie, num_samples=args.rollouts, temperature=temperature,
+                              generator=generator, restricted_head=scorer.head is not None)
+    scorer.model.train()
     return samples
 
 
+def output_head(model, full_head):
+    """(the model's LinearHead, None) for the restricted head, or (None, why not)."""
+    if full_head:
+        return None, "--full-head"
+    try:
+        return linear_head(model), None
+    except ValueError as error:
+        return None, str(error)
+
+
+class Scorer(torch.nn.Module):
+    """The model as the losses read it, in one forward that DistributedDataParallel can wrap:
+    the last hidden states with the restricted head (`head`, a flowkern.head.LinearHead of
+    `model`), else the logits; and the losses over what that forward returns."""
+
+    def __init__(self, model, head):
+        super().__init__()
+        self.model, self.head = model, head
+        self.keep_logits = "logits_to_keep" in forward_parameters(model)
+
+    def forward(self, input_ids, attention_mask, position_ids, start, steps):
+        """Hidden states or logits at positions start .. start + steps − 1, (N, steps, H or V);
+        of the logits only those positions are computed when the model allows it."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if self.head is not None:
+            return self.head.body(**inputs).last_hidden_state[:, start:start + steps]
+        kept = input_ids.shape[1] - start  # the positions from `start` to the end
+        logits = self.model(**inputs, **({"logits_to_keep": kept} if self.keep_logits else {})).logits
+        return logits[:, -kept:][:, :steps]
+
+    def sequence_log_probs(self, scores, trie, tokens, normalize, temperature=1.0):
+        """flowkern's sequence_log_probs of the continuations `tokens` from forward's `scores`,
+        the logits divided by `temperature`."""
+        if self.head is None:
+            logits = scores if temperature == 1.0 else scores / temperature
+            return flowkern.sequence_log_probs(logits, trie, tokens=tokens, normalize=normalize)
+        hidden, bias = (scores, self.head.bias) if temperature == 1.0 else (
+            scores / temperature, None if self.head.bias is None else self.head.bias / temperature)
+        return flowkern.linear_sequence_log_probs(hidden, self.head.weight, trie, tokens=tokens, bias=bias,
+                                                  normalize=normalize)
+
+    def subtb_loss(self, scores, trie, rewards, tokens, **options):
+        if self.head is None:
+            return flowkern.subtb_loss(scores, trie, rewards, tokens=tokens, **options)
+        return flowkern.linear_subtb_loss(scores, self.head.weight, trie, rewards, tokens=tokens, bias=self.head.bias,
+                                          **options)
+
+
 def score(model, prompts, continuations, eos, device):
-    """Logits at the continuation positions, (N, T, V), and the continuations (N, T) padded
-    with the termination token.  Prompts are left-padded to a common end S, so the logits
-    that predict continuation token t sit at position S − 1 + t for every row; only those
-    T positions of the head are computed when the model allows it."""
+    """What the Scorer `model` returns at the continuation positions, (N, T, H or V), and the
+    continuations (N, T) padded with the termination token.  Prompts are left-padded to a
+    common end S, so what predicts continuation token t sits at position S − 1 + t of every
+    row."""
     width, steps = max(map(len, prompts)), max(map(len, continuations))
     input_ids = torch.full((len(prompts), width + steps), eos, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -219,11 +286,8 @@ def score(model, prompts, continuations, eos, device):
         attention_mask[i, width - len(prompt):width + len(continuation)] = 1
         tokens[i, :len(continuation)] = torch.tensor(continuation)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    keep = {"logits_to_keep": steps + 1} if "logits_to_keep" in forward_parameters(unwrap(model)) else {}
-    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                position_ids=position_ids.to(device), use_cache=False, **keep)
-    logits = out.logits[:, :steps] if keep else out.logits[:, width - 1:width - 1 + steps]
-    return logits, tokens.to(device)
+    scores = model(input_ids.to(device), attention_mask.to(device), position_ids.to(device), width - 1, steps)
+    return scores, tokens.to(device)
 
 
 def unwrap(model):
@@ -256,14 +320,16 @@ class Evaluator:
     search over the first --eval-limit rows; history-free: the exact title distribution
     and --eval-samples samples).  Work is split across processes; rank 0 gets the metrics."""
 
-    def __init__(self, task, trie, args, rank, world):
-        self.task, self.trie, self.args, self.rank, self.world = task, trie, args, rank, world
+    def __init__(self, task, trie, args, rank, world, scorer):
+        self.task, self.trie, self.args, self.rank, self.world, self.scorer = task, trie, args, rank, world, scorer
+        self.restricted = scorer.head is not None
         if task.mode == "history":
             self.groups, self.p_train = task.popularity_groups()
         self.predictions, self.samples = [], {}
 
     @torch.no_grad()
-    def __call__(self, model, split):
+    def __call__(self, split):
+        model = self.scorer.model
         model.eval()
         result = self._history(model, split) if self.task.mode == "history" else self._history_free(model)
         model.train()
@@ -278,7 +344,7 @@ class Evaluator:
             recs = flowkern.recommend(model, [examples[i].prompt for i in chunk], self.trie,
                                       k=min(10, len(self.task.titles)),
                                       num_beams=max(self.args.num_beams, 10), titles=self.task.titles,
-                                      temperature=self.args.eval_temperature)
+                                      temperature=self.args.eval_temperature, restricted_head=self.restricted)
             for i, items, scores, titles in zip(chunk, recs.items.tolist(), recs.scores.tolist(), recs.titles):
                 target = examples[i].target
                 rows.append({"row": i, "target_id": target, "target_title": self.task.titles[target],
@@ -299,15 +365,16 @@ class Evaluator:
         for start in range(0, len(task.titles), 32):
             items = range(start, min(start + 32, len(task.titles)))
             continuations = [task.item_tokens[i] + [task.eos_token_id] for i in items]
-            logits, tokens = score(model, [prompt] * len(items), continuations, task.eos_token_id, trie.device)
-            log_p = flowkern.sequence_log_probs(logits / self.args.eval_temperature, trie, tokens=tokens)
+            scores, tokens = score(self.scorer, [prompt] * len(items), continuations, task.eos_token_id, trie.device)
+            log_p = self.scorer.sequence_log_probs(scores, trie, tokens, "trie", self.args.eval_temperature)
             exact[list(items)] = log_p.exp().double().cpu()
         counts = torch.zeros(len(task.titles))
         generator = torch.Generator().manual_seed(self.args.seed + 17 * self.rank)
         share = self.args.eval_samples // self.world + (self.rank < self.args.eval_samples % self.world)
         for start in range(0, share, 500):
             samples = flowkern.sample(model, [prompt], trie, num_samples=min(500, share - start),
-                                      temperature=self.args.eval_temperature, generator=generator)
+                                      temperature=self.args.eval_temperature, generator=generator,
+                                      restricted_head=self.restricted)
             counts += torch.bincount(samples.items.cpu(), minlength=len(task.titles))
         counts = sum(gather([counts], self.world))
         target = task.target_distribution()
@@ -367,8 +434,9 @@ class Run:
 
         return tqdm(steps, total=total, initial=initial, desc="training", dynamic_ncols=True)
 
-    def write_config(self, args, loaded, task, trie, lora_r, lr, max_steps, world):
+    def write_config(self, args, loaded, task, trie, lora_r, lr, max_steps, world, why_full):
         config = {**vars(args), "lora_r": lora_r, "lr": lr, "max_steps": max_steps, "world_size": world,
+                  "restricted_head": why_full is None, "full_head_because": why_full,
                   "model_description": loaded.description, "tokenizer": loaded.tokenizer.name,
                   "mode": task.mode, "data_source": task.source, "num_items": len(task.titles),
                   "trie": {"nodes": trie.num_nodes, "depth": trie.depth},
@@ -377,6 +445,8 @@ class Run:
         self._write_json("config.json", config)
         self.say(f"flowkern.train: {loaded.description}, {task.mode} data {task.source} ({len(task.titles)} items), "
                  f"objective {args.objective} (w = {args.gfn_weight}), {max_steps} steps, out {self.out}")
+        self.say("head: restricted (logits from the body's hidden states, only those needed)" if why_full is None
+                 else f"head: full, all V logits ({why_full})")
 
     def log(self, record):
         if self.writer:

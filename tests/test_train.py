@@ -208,6 +208,56 @@ def test_smoke_run_writes_every_artefact(tmp_path, tiny_model, mode, objective):
         assert {"exact JS", "sampled JS", "sampled KL(target||model)"} <= set(final["after"])
 
 
+def train_records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("mode", ["history", "history_free"])
+def test_restricted_head_trains_like_the_full_head(tmp_path, tiny_model, mode):
+    """The default (restricted head: tied embeddings, a plain Linear) and --full-head draw the
+    same rollouts, give the same losses and metrics to float32 rounding, and end with the same
+    weights; config.json says which head ran."""
+    data = write_dataset(str(tmp_path / "data")) if mode == "history" else history_free_file(tmp_path)
+    outs = [run(tmp_path, tiny_model, data, name, "--max-steps", "3", *flags)
+            for name, flags in (("restricted", []), ("full", ["--full-head"]))]
+    configs = []
+    for out in outs:
+        with open(os.path.join(out, "config.json")) as f:
+            configs.append(json.load(f))
+    assert configs[0]["restricted_head"] and configs[0]["full_head_because"] is None
+    assert not configs[1]["restricted_head"] and configs[1]["full_head_because"] == "--full-head"
+    restricted, full = (train_records(out) for out in outs)
+    for got, want in zip(restricted, full):
+        for name in ("sft", "subtb", "loss"):
+            assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-6)
+    finals = []
+    for out in outs:
+        with open(os.path.join(out, "final.json")) as f:
+            finals.append(json.load(f)["after"])
+    for name, value in finals[1].items():
+        if isinstance(value, float):
+            assert finals[0][name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
+    from safetensors.torch import load_file
+
+    weights = [load_file(os.path.join(out, "checkpoint", "model.safetensors")) for out in outs]
+    for name in weights[1]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_restricted_sft_normalises_over_the_trie_children(tmp_path, tiny_model):
+    """--sft-normalize trie: at the same first step the cross-entropy over the children is
+    below the one over the vocabulary (a subset of it normalises), with either head."""
+    data = write_dataset(str(tmp_path / "data"))
+    sft = {}
+    for name, flags in (("full", []), ("trie", ["--sft-normalize", "trie"]),
+                        ("trie-full-head", ["--sft-normalize", "trie", "--full-head"])):
+        out = run(tmp_path, tiny_model, data, name, "--objective", "sft", "--max-steps", "1", *flags)
+        sft[name] = train_records(out)[0]["sft"]
+    assert 0 < sft["trie"] < sft["full"]
+    assert sft["trie"] == pytest.approx(sft["trie-full-head"], rel=1e-5)
+
+
 def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     data = write_dataset(str(tmp_path / "data"))
     straight = run(tmp_path, tiny_model, data, "straight")

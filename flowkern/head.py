@@ -142,9 +142,9 @@ def _trie_grad(h, weight, bias, state, edge, trie, lse, g, weight_grad, bias_gra
         child = edges >= 0
         slot = torch.searchsorted(touched, columns[child])
         if dw is not None:
-            dw.index_add_(0, slot, torch.bmm(dz.transpose(1, 2), hb)[child])
+            dw.index_put_((slot,), torch.bmm(dz.transpose(1, 2), hb)[child], accumulate=True)
         if db is not None:
-            db.index_add_(0, slot, dz.sum(1)[child])
+            db.index_put_((slot,), dz.sum(1)[child], accumulate=True)
     return dh, on_rows(dw, touched, weight), on_rows(db, touched, bias)
 
 

@@ -14,11 +14,9 @@ this one run; ratios are to flowkern's fastest path.
 """
 
 import argparse
-import ctypes
 import logging
 import os
 import sys
-import threading
 import time
 
 import numpy as np
@@ -27,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flowkern  # noqa: E402
-from benchmarks.common import environment, markdown_table, time_call, write_results  # noqa: E402
+from benchmarks.common import (environment, fix_malloc_threshold, markdown_table, peak_memory, time_call,  # noqa: E402
+                               write_results)
 from reference import published  # noqa: E402
 from reference import subtb as loops  # noqa: E402
 from reference.trie import DictTrie  # noqa: E402
@@ -56,7 +55,7 @@ def main():
     preset = args.preset or ("paper" if cuda else "cpu")
     device = torch.device("cuda" if cuda else "cpu")
     env = environment()  # the code that runs is the code at the start
-    _fix_malloc_threshold()
+    fix_malloc_threshold()
 
     loss_rows, check = bench_loss(PRESETS[preset], device, args.repeats, compile_too=not args.quick)
     build_rows = bench_build(args.trie_items, args.repeats)
@@ -216,49 +215,6 @@ def bench_walk(preset, repeats):
             {"variant": "flowkern: Trie.walk (vectorised binary search)",
              "median ms": f"{flowkern_walk['median_s'] * 1e3:.2f}",
              "speed-up": f"{lookups['median_s'] / flowkern_walk['median_s']:.1f}x"}]
-
-
-# ---- memory -------------------------------------------------------------------------------------
-
-def peak_memory(fn, device):
-    """Peak memory of one call of fn above what was in use before it, in bytes."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    before = _rss()
-    peak = [before]
-    done = threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        watcher.join()
-    return max(peak[0], _rss()) - before
-
-
-def _rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _fix_malloc_threshold():
-    """Large blocks from mmap, so that freed memory leaves the resident set (glibc)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""Timing and reporting shared by the benchmarks: every figure comes from one run that
-times the alternatives side by side on the same inputs, and is reported with the machine,
-the library versions and the git commit."""
+"""Timing, memory and reporting shared by the benchmarks: every figure comes from one run
+that times the alternatives side by side on the same inputs, and is reported with the
+machine, its load, the library versions and the git commit."""
 
+import ctypes
 import datetime
 import json
 import os
 import platform
 import statistics
 import subprocess
+import threading
 import time
 
 import torch
@@ -36,7 +38,49 @@ def environment():
     commit = git("rev-parse", "--short", "HEAD") + ("+uncommitted changes" if git("status", "--porcelain", "--", "..", ":!results") else "")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(), "commit": commit}
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "commit": commit,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def peak_memory(fn, device):
+    """Peak memory of one call of fn above what was in use before it, in bytes."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before = _rss()
+    peak = [before]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], _rss()) - before
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fix_malloc_threshold():
+    """Large blocks from mmap, so that freed memory leaves the resident set (glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
+    except OSError:
+        pass
 
 
 def markdown_table(rows, columns):
@@ -49,7 +93,8 @@ def write_results(name, title, env, body, rows):
     """Print `body` (markdown) under a heading that names the machine, and write it to
     results/<name>.md, with `rows` and the environment in results/<name>.json."""
     text = f"# {title}\n\n{env['date']}, {env['device']}, torch {env['torch']} ({env['threads']} threads), " \
-           f"commit {env['commit']}\n\n{body.strip()}\n"
+           f"commit {env['commit']}, load average {' '.join(map(str, env['load_average']))} at the start\n\n" \
+           f"{body.strip()}\n"
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(text)

@@ -17,3 +17,10 @@ def test_loss_benchmark_runs():
     out = subprocess.run([sys.executable, str(BENCHMARKS / "bench_subtb.py"), "--quick"], capture_output=True,
                          text=True, check=True, timeout=600).stdout
     assert "flowkern, PyTorch eager" in out and "published-style dict of prefix strings" in out
+
+
+def test_restricted_head_benchmark_runs():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "bench_restricted.py"), "--quick"], capture_output=True,
+                         text=True, check=True, timeout=600).stdout
+    assert "| trie policy (process form) | frozen |" in out and "| full head (--full-head) |" in out
+    assert "| evaluation: 1 prompt x 50 | restricted |" in out and "## Targets of issue 7" in out

@@ -1,0 +1,204 @@
+"""The restricted head against materialising the logits, side by side.
+
+    python benchmarks/bench_restricted.py             # paper preset + embedded trainer; writes results/
+    python benchmarks/bench_restricted.py --quick     # seconds: small sizes, writes nothing (CI)
+
+(a) The loss, forward + backward, at the paper preset: V = 151,936 (Qwen2.5), B·T = 128 × 32
+    = 4,096 positions of rollouts of Movies_and_TV titles (padded with "\\n", as in
+    bench_subtb.py), H = 1,536 (float32 on CPU, bfloat16 on CUDA):
+    flowkern.linear_subtb_loss(hidden, W) against flowkern.subtb_loss(hidden @ W.T), peak
+    memory above the inputs and time, for the trie policy and the full softmax (process
+    form) and the Flower form, with W trained (then both paths also produce a V × H dW) and
+    frozen (LoRA: no dW).
+(b) The embedded default of `python -m flowkern.train`: one optimiser step of its train_step
+    (32 rollouts, the forward, SFT + SubTB, backward, AdamW) with the restricted head, with
+    the restricted head and --sft-normalize trie, and with --full-head, taking turns on copies
+    of one model; and rollout tokens/s of flowkern.sample both ways (the trainer's 32
+    rollouts, and the evaluator's 500 samples from one prompt).
+Each section runs once per --threads value (torch.set_num_threads).
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flowkern  # noqa: E402
+from benchmarks.bench_subtb import trajectories  # noqa: E402
+from benchmarks.common import (environment, fix_malloc_threshold, markdown_table, peak_memory, time_call,  # noqa: E402
+                               write_results)
+from flowkern import train  # noqa: E402
+from flowkern.data import load_task  # noqa: E402
+from flowkern.models import load_model  # noqa: E402
+
+PRESETS = {"paper": (128, 32, 1536, 151_936), "quick": (4, 8, 64, 4_096)}  # B, T, H, V
+LOSSES = [("trie policy (process form)", dict(normalize="trie"), (False, True)),
+          ("full softmax (process form)", dict(normalize="full"), (False, True)),
+          ("Flower form (full softmax)", dict(form="flower"), (False,))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads, one run of each")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls after a first one (memory, warm-up)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, no result files")
+    args = parser.parse_args()
+    preset = "quick" if args.quick else "paper"
+    if args.quick:
+        args.threads, args.repeats = args.threads[:1], 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment()  # the code that runs is the code at the start
+    fix_malloc_threshold()
+    sections, rows, targets = [], [], []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        loss_rows, read = bench_loss(PRESETS[preset], device, args.repeats)
+        step_rows, rollout_rows = bench_trainer(device, args.repeats, args.quick)
+        batch, steps, hidden_size, vocab = PRESETS[preset]
+        sections += [
+            (f"Loss forward + backward, {threads} thread(s): V = {vocab:,}, B·T = {batch} × {steps} = "
+             f"{batch * steps:,} ({read:,} positions before the rows' ends), H = {hidden_size:,}", loss_rows),
+            (f"Embedded trainer step, {threads} thread(s)", step_rows),
+            (f"Rollouts (flowkern.sample), {threads} thread(s)", rollout_rows)]
+        rows += [dict(row, section=title) for title, part in sections[-3:] for row in part]
+        targets += target_lines(threads, loss_rows, step_rows)
+    columns = lambda part: list(dict.fromkeys(key for row in part for key in row))  # noqa: E731
+    body = "\n\n".join(f"## {title}\n\n{markdown_table(part, columns(part))}" for title, part in sections)
+    body += ("\n\n## Targets of issue 7\n\n" + "\n".join(targets) +
+             f"\n\nPeak memory is the {'CUDA allocation' if device.type == 'cuda' else 'resident set'} above what "
+             f"was in use before the call (inputs excluded, gradients included), sampled every millisecond; times "
+             f"are medians of {args.repeats} calls after a first one.  Command: python benchmarks/bench_restricted.py "
+             f"{' '.join(sys.argv[1:])}")
+    if args.quick:
+        print(body)
+        return
+    name = "cpu" if device.type == "cpu" else "gpu-" + torch.cuda.get_device_name().replace(" ", "_")
+    write_results(f"restricted-{name}-{env['date']}", "flowkern benchmark: the restricted head", env, body, rows)
+
+
+# ---- (a) the loss --------------------------------------------------------------------------------
+
+def bench_loss(preset, device, repeats):
+    """Rows of the loss table, and the number of positions the loss reads."""
+    batch, steps, hidden_size, vocab = preset
+    _, trie, _, _, tokens = trajectories(batch, steps, vocab)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(batch, steps, hidden_size, generator=generator).to(device, dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=generator) / hidden_size**0.5).to(device, dtype)
+    trie, tokens = trie.to(device), tokens.to(device)
+    rows = []
+    for label, options, frozen_too in LOSSES:
+        paths = {"materialised": lambda h, w: flowkern.subtb_loss(h @ w.T, trie, tokens=tokens, **options),
+                 "restricted": lambda h, w: flowkern.linear_subtb_loss(h, w, trie, tokens=tokens, **options)}
+        for frozen in frozen_too:
+            measured = {}
+            for path, loss_fn in paths.items():
+                run = _fwd_bwd(loss_fn, hidden, weight, frozen)
+                peak = peak_memory(run, device)
+                measured[path] = (run(), peak, time_call(run, repeats=repeats, warmup=0))
+            (value, peak, timing), (want, want_peak, want_timing) = measured["restricted"], measured["materialised"]
+            rows.append({"loss": label, "W": "frozen" if frozen else "trained",
+                         "materialised s": _seconds(want_timing), "restricted s": _seconds(timing),
+                         "time ratio": f"{want_timing['median_s'] / timing['median_s']:.1f}x",
+                         "materialised peak": _mib(want_peak), "restricted peak": _mib(peak),
+                         "memory ratio": f"{want_peak / max(peak, 1):.1f}x",
+                         "loss values agree to": f"{abs(value - want) / abs(want):.1e}"})
+    return rows, int(trie.walk(tokens).length.add(1).sum())
+
+
+def _fwd_bwd(loss_fn, hidden, weight, frozen):
+    def run():
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_(not frozen)
+        loss = loss_fn(h, w)
+        loss.backward()
+        return loss.item()
+    return run
+
+
+def _seconds(timing):
+    return f"{timing['median_s']:.3g} ({timing['min_s']:.3g}-{timing['max_s']:.3g})"
+
+
+def _mib(size):
+    return f"{size / 2**20:,.0f} MiB"
+
+
+# ---- (b) the embedded trainer --------------------------------------------------------------------
+
+STEPS = [("restricted head (default)", []), ("restricted head, --sft-normalize trie", ["--sft-normalize", "trie"]),
+         ("full head (--full-head)", ["--full-head"])]
+
+
+def bench_trainer(device, repeats, quick):
+    """Rows of the trainer-step table and of the rollout table."""
+    common = ["--batch-size", "4"] if quick else []
+    loaded = load_model(None, seed=0)
+    task = load_task(None, loaded.tokenizer)
+    trie = task.trie().to(device)
+    setups = {}
+    for name, flags in STEPS:
+        args = train.parse_args(common + flags)
+        model = copy.deepcopy(loaded.model).to(device)
+        head, _ = train.output_head(model, args.full_head)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+        setups[name] = (train.Scorer(model, head), optimizer, args)
+    seconds = {name: [] for name in setups}
+    for step in range(1 + max(repeats, 3)):  # the setups take turns; step 0 warms up
+        for name, (scorer, optimizer, args) in setups.items():
+            torch.manual_seed(step)
+            start = time.perf_counter()
+            train.train_step(scorer, optimizer, task, trie, None, args, step, 0, 1, 1)
+            if step:
+                seconds[name].append(time.perf_counter() - start)
+    full = statistics.median(seconds[STEPS[-1][0]])
+    step_rows = [{"step": name, "median s": f"{statistics.median(times):.3f}",
+                  "min-max s": f"{min(times):.3f}-{max(times):.3f}",
+                  "full / this": f"{full / statistics.median(times):.1f}x"} for name, times in seconds.items()]
+    scorer = setups[STEPS[0][0]][0]
+    scorer.model.eval()
+    prompt = task.train[0].prompt
+    batch = train.parse_args(common).batch_size
+    rollout_rows = []
+    for label, prompts, count in ((f"trainer: {batch} prompts x 1", [prompt] * batch, 1),
+                                  (f"evaluation: 1 prompt x {50 if quick else 500}", [prompt], 50 if quick else 500)):
+        measured = {}
+        for restricted in (True, False):
+            def run():
+                return flowkern.sample(scorer.model, prompts, trie, num_samples=count, temperature=1.2,
+                                       generator=torch.Generator().manual_seed(0), restricted_head=restricted)
+            measured[restricted] = (int(run().lengths.sum()), time_call(run, repeats=max(repeats, 3), warmup=0))
+        for restricted, (tokens, timing) in measured.items():
+            rate = tokens / timing["median_s"]
+            rollout_rows.append({"rollouts": label, "head": "restricted" if restricted else "full",
+                                 "tokens": tokens, "median s": f"{timing['median_s']:.3f}", "tokens/s": f"{rate:,.0f}",
+                                 "vs full": f"{measured[False][1]['median_s'] / timing['median_s']:.1f}x"})
+    return step_rows, rollout_rows
+
+
+def target_lines(threads, loss_rows, step_rows):
+    """Where the figures stand against the issue's targets (benchmark figures, not tests)."""
+    def ratio(text):
+        return float(text.rstrip("x"))
+
+    memory = {f"{row['loss']}, W {row['W']}": ratio(row["memory ratio"]) for row in loss_rows}
+    trie_time = [ratio(row["time ratio"]) for row in loss_rows if row["loss"].startswith("trie")]
+    step = ratio(step_rows[0]["full / this"])
+    lines = [f"- {threads} thread(s), loss peak memory at least 10x below the materialised path: "
+             + "; ".join(f"{name} {value:.1f}x ({'met' if value >= 10 else 'not met'})" for name, value in memory.items()),
+             f"- {threads} thread(s), trie-policy loss time at least 3x lower: "
+             + "; ".join(f"{value:.1f}x ({'met' if value >= 3 else 'not met'})" for value in trie_time),
+             f"- {threads} thread(s), embedded trainer step at least 5x faster with the restricted head: {step:.1f}x "
+             f"({'met' if step >= 5 else 'not met'}; with --sft-normalize trie "
+             f"{ratio(step_rows[1]['full / this']):.1f}x)"]
+    return lines
+
+
+if __name__ == "__main__":
+    main()

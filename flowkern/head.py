@@ -24,9 +24,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from flowkern.eager import column_weights, per_position, taken_columns, used_rows
-from flowkern.policy import chunks, compute_dtype, trie_children
+from flowkern.policy import compute_dtype, trie_children
 
 _BLOCK_ELEMENTS = 1 << 22  # operand and result elements of one batched product (trie)
+_CHUNK_ELEMENTS = 1 << 18  # logits of one chunk of the full softmax: 1 MiB in float32, stays in cache
+_MIN_CHUNK_COLUMNS = 256  # ... unless the rows are so many that a chunk would be narrower
 
 
 def log_probs(hidden, weight, bias, tokens, nodes, length, trie, normalize, flower):
@@ -161,9 +163,14 @@ def on_rows(values, rows, like):
 
 # ---- full normalisation: chunks of the vocabulary --------------------------------------------
 
+def _column_chunks(vocab, rows):
+    step = max(_MIN_CHUNK_COLUMNS, _CHUNK_ELEMENTS // max(rows, 1))
+    return (slice(start, min(start + step, vocab)) for start in range(0, vocab, step))
+
+
 def _full_lse(h, weight, bias):
     lse = h.new_full(h.shape[:1], float("-inf"))
-    for chunk in chunks(weight.shape[0], h.shape[0]):
+    for chunk in _column_chunks(weight.shape[0], h.shape[0]):
         lse = torch.logaddexp(lse, torch.logsumexp(_chunk_logits(h, weight, bias, chunk)[0], 1))
     return lse
 
@@ -188,9 +195,9 @@ def _full_grad(h, weight, bias, cols, lse, weights, weight_grad, bias_grad):
     db = torch.empty_like(bias) if bias_grad else None
     total = weights.sum(1, keepdim=True)
     row = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(cols)
-    for chunk in chunks(weight.shape[0], h.shape[0]):
+    for chunk in _column_chunks(weight.shape[0], h.shape[0]):
         z, w = _chunk_logits(h, weight, bias, chunk)
-        dz = torch.exp(z - lse[:, None]).mul_(-total)
+        dz = z.sub_(lse[:, None]).exp_().mul_(-total)
         inside = (cols >= chunk.start) & (cols < chunk.stop)
         dz.index_put_((row[inside], cols[inside] - chunk.start), weights[inside], accumulate=True)
         dh += dz @ w

@@ -26,7 +26,7 @@ def full_log_softmax(logits, b, t, cols):
     dtype = compute_dtype(logits.dtype)
     out = torch.empty(cols.shape, dtype=dtype, device=logits.device)
     lse = torch.empty(b.shape, dtype=dtype, device=logits.device)
-    for rows in chunks(b.numel(), logits.shape[-1]):
+    for rows in _chunks(b.numel(), logits.shape[-1]):
         z = logits[b[rows], t[rows]].to(dtype)
         lse[rows] = torch.logsumexp(z, dim=-1)
         out[rows] = z.gather(1, cols[rows]) - lse[rows, None]
@@ -36,7 +36,7 @@ def full_log_softmax(logits, b, t, cols):
 def full_log_softmax_grad(logits, b, t, cols, lse, g, out):
     """Write the gradient of Σ_k g[i, k] log π(cols[i, k]) into the rows out[b_i, t_i]; reads
     each row of `logits` before writing it, so `out` may be `logits` itself."""
-    for rows in chunks(b.numel(), logits.shape[-1]):
+    for rows in _chunks(b.numel(), logits.shape[-1]):
         weights = g[rows].to(lse.dtype)
         z = logits[b[rows], t[rows]].to(lse.dtype)
         grad_z = torch.exp(z - lse[rows, None]).mul_(-weights.sum(1, keepdim=True))
@@ -66,8 +66,7 @@ class _FullLogSoftmax(torch.autograd.Function):
         return grad, None, None, None
 
 
-def chunks(num_rows: int, width: int):
-    """Slices of range(num_rows) whose rows of `width` elements hold at most _CHUNK_ELEMENTS."""
+def _chunks(num_rows: int, width: int):
     step = max(1, _CHUNK_ELEMENTS // max(width, 1))
     return (slice(start, start + step) for start in range(0, num_rows, step))
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flowkern
-from flowkern import head, ops, policy
+from flowkern import head, ops
 from tests.strategies import Catalogue, batches, make_batch
 from tests.test_errors import CASES
 from tests.test_subtb import SMALL, VARIANTS, preference_for
@@ -279,7 +279,8 @@ def test_no_tensor_grows_with_rows_times_vocabulary(form, normalize, monkeypatch
     """V = 30,000, 24 trajectories: the op's forward stages and its backward never create a
     tensor larger than a chunk of 16,384 logits, the batch's hidden states or dW (V × H),
     while the materialised logits would hold B × T × V."""
-    monkeypatch.setattr(policy, "_CHUNK_ELEMENTS", 16_384)
+    monkeypatch.setattr(head, "_CHUNK_ELEMENTS", 16_384)
+    monkeypatch.setattr(head, "_MIN_CHUNK_COLUMNS", 1)
     generator = torch.Generator().manual_seed(0)
     first = torch.randint(1, 30_000, (40,), generator=generator).tolist()
     sequences = [[first[i % 40]] + torch.randint(1, 30_000, (i % 4,), generator=generator).tolist() for i in range(400)]

@@ -43,7 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, help="LoRA rank; 0 trains every weight. Default: 8 for pretrained "
                                                "models, 0 for the embedded one")
     p.add_argument("--objective", choices=["flower", "sft"], default="flower")
-    p.add_argument("--gfn-weight", type=float, default=0.5, help="w in (1 − w)·SFT + w·SubTB (ignored by sft)")
+    p.add_argument("--gfn-weight", type=float, default=0.9,
+                   help="w in (1 − w)·SFT + w·SubTB (ignored by sft); 0.9 fits the embedded default best "
+                        "(benchmarks/results/train-embedded-history-free-*.md); the paper uses 0.01 and below "
+                        "for pretrained 1.5B models")
     p.add_argument("--lam", type=float, default=1.0, help="SubTB subtrajectory decay λ")
     p.add_argument("--rollouts", type=int, default=1, help="rollouts per prompt of the batch (history-free: per step, "
                                                            "× batch size)")

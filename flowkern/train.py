@@ -15,6 +15,7 @@ trains data-parallel (gloo on CPU, NCCL on GPU); --batch-size is per process.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -112,7 +113,7 @@ def main(argv=None):
     start = 0
     if args.resume and os.path.isdir(checkpoint):
         load_weights(model, checkpoint)
-        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         run.say(f"resumed from {checkpoint} at step {start}")
@@ -174,7 +175,9 @@ def train_step(model, raw, optimizer, task, trie, preferences, args, step, rank,
         subtb = (flowkern.subtb_loss(logits[sft_rows:], trie, rewards, tokens=tokens[sft_rows:], lam=args.lam,
                                      pref_mode=args.pref_mode) if args.gfn_weight > 0 else torch.zeros(()))
         loss = (1 - args.gfn_weight) * sft + args.gfn_weight * subtb
-        (loss / args.grad_accum).backward()
+        last = micro == args.grad_accum - 1
+        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # all-reduce once
+            (loss / args.grad_accum).backward()
         for name, value in (("sft", sft), ("subtb", subtb), ("loss", loss)):
             totals[name] += float(value.detach()) / args.grad_accum
     optimizer.step()

@@ -255,7 +255,7 @@ def test_torchrun_two_processes(tmp_path, tiny_model):
     out = str(tmp_path / "ddp")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                "-m", "flowkern.train", "--model", tiny_model, "--lora-r", "0", "--data", data, "--batch-size", "2",
-               "--max-steps", "3", "--eval-limit", "5", "--out", out]
+               "--grad-accum", "2", "--max-steps", "3", "--eval-limit", "5", "--out", out]
     subprocess.run(command, check=True, capture_output=True, timeout=600,
                    env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()})
     with open(os.path.join(out, "final.json")) as f:

@@ -44,10 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, help="LoRA rank; 0 trains every weight. Default: 8 for pretrained "
                                                "models, 0 for the embedded one")
     p.add_argument("--objective", choices=["flower", "sft"], default="flower")
-    p.add_argument("--gfn-weight", type=float, default=0.9,
-                   help="w in (1 − w)·SFT + w·SubTB (ignored by sft); 0.9 fits the embedded default best "
-                        "(benchmarks/results/train-embedded-history-free-*.md); the paper uses 0.01 and below "
-                        "for pretrained 1.5B models")
+    p.add_argument("--gfn-weight", type=float,
+                   help="w in (1 − w)·SFT + w·SubTB (ignored by sft). Default 0.9 history-free (the best of the "
+                        "sweep in benchmarks/results/train-embedded-history-free-*.md) and 0.01 with history (the "
+                        "paper's range; w = 0.5 hurt there, see train-embedded-movies-history-*.md)")
     p.add_argument("--lam", type=float, default=1.0, help="SubTB subtrajectory decay λ")
     p.add_argument("--rollouts", type=int, default=1, help="rollouts per prompt of the batch (history-free: per step, "
                                                            "× batch size)")
@@ -77,7 +77,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.objective == "sft":
         args.gfn_weight = 0.0
-    if not 0.0 <= args.gfn_weight <= 1.0:
+    if args.gfn_weight is not None and not 0.0 <= args.gfn_weight <= 1.0:
         p.error(f"--gfn-weight must lie in [0, 1], got {args.gfn_weight}")
     low, high = args.rollout_temperature
     if not 0 < low <= high:
@@ -98,6 +98,8 @@ def main(argv=None):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     task = load_task(args.data, loaded.tokenizer)
+    if args.gfn_weight is None:
+        args.gfn_weight = 0.9 if task.mode == "history_free" else 0.01
     if args.pref_scores and task.mode != "history":
         raise SystemExit("--pref-scores needs a dataset with history")
     trie = task.trie().to(device)

@@ -188,6 +188,9 @@ def test_smoke_run_writes_every_artefact(tmp_path, tiny_model, mode, objective):
     expected = {"config.json", "metrics.jsonl", "final.json", "checkpoint"}
     expected |= {"predictions.jsonl", "popularity.png"} if mode == "history" else {"samples.json", "titles.png"}
     assert expected <= set(os.listdir(out))
+    with open(os.path.join(out, "config.json")) as f:
+        default_weight = {"flower": 0.01 if mode == "history" else 0.9, "sft": 0.0}[objective]
+        assert json.load(f)["gfn_weight"] == default_weight
     with open(os.path.join(out, "final.json")) as f:
         final = json.load(f)
     assert final["before"]["step"] == 0 and set(final["before"]) >= set(k for k in final["after"])

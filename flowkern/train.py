@@ -23,6 +23,7 @@ trains data-parallel (gloo on CPU, NCCL on GPU); --batch-size is per process.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -52,7 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, help="LoRA rank; 0 trains every weight. Default: 8 for pretrained "
                                                "models, 0 for the embedded one")
     p.add_argument("--objective", choices=["flower", "sft"], default="flower")
-    p.add_argument("--gfn-weight", type=float, default=0.5, help="w in (1 − w)·SFT + w·SubTB (ignored by sft)")
+    p.add_argument("--gfn-weight", type=float,
+                   help="w in (1 − w)·SFT + w·SubTB (ignored by sft). Default 0.9 history-free (the best of the "
+                        "sweep in benchmarks/results/train-embedded-history-free-*.md) and 0.01 with history (the "
+                        "paper's range; w = 0.5 hurt there, see train-embedded-movies-history-*.md)")
     p.add_argument("--lam", type=float, default=1.0, help="SubTB subtrajectory decay λ")
     p.add_argument("--rollouts", type=int, default=1, help="rollouts per prompt of the batch (history-free: per step, "
                                                            "× batch size)")
@@ -87,7 +91,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.objective == "sft":
         args.gfn_weight = 0.0
-    if not 0.0 <= args.gfn_weight <= 1.0:
+    if args.gfn_weight is not None and not 0.0 <= args.gfn_weight <= 1.0:
         p.error(f"--gfn-weight must lie in [0, 1], got {args.gfn_weight}")
     low, high = args.rollout_temperature
     if not 0 < low <= high:
@@ -110,6 +114,8 @@ def main(argv=None):
     head, why_full = output_head(model, args.full_head)
     scorer = Scorer(model, head)
     task = load_task(args.data, loaded.tokenizer)
+    if args.gfn_weight is None:
+        args.gfn_weight = 0.9 if task.mode == "history_free" else 0.01
     if args.pref_scores and task.mode != "history":
         raise SystemExit("--pref-scores needs a dataset with history")
     trie = task.trie().to(device)
@@ -125,7 +131,7 @@ def main(argv=None):
     start = 0
     if args.resume and os.path.isdir(checkpoint):
         load_weights(model, checkpoint)
-        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         run.say(f"resumed from {checkpoint} at step {start}")
@@ -190,7 +196,9 @@ def train_step(model, optimizer, task, trie, preferences, args, step, rank, worl
         subtb = (scorer.subtb_loss(scores[sft_rows:], trie, rewards, tokens[sft_rows:], lam=args.lam,
                                    pref_mode=args.pref_mode) if args.gfn_weight > 0 else torch.zeros(()))
         loss = (1 - args.gfn_weight) * sft + args.gfn_weight * subtb
-        (loss / args.grad_accum).backward()
+        last = micro == args.grad_accum - 1
+        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # all-reduce once
+            (loss / args.grad_accum).backward()
         for name, value in (("sft", sft), ("subtb", subtb), ("loss", loss)):
             totals[name] += float(value.detach()) / args.grad_accum
     optimizer.step()

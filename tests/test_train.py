@@ -188,6 +188,9 @@ def test_smoke_run_writes_every_artefact(tmp_path, tiny_model, mode, objective):
     expected = {"config.json", "metrics.jsonl", "final.json", "checkpoint"}
     expected |= {"predictions.jsonl", "popularity.png"} if mode == "history" else {"samples.json", "titles.png"}
     assert expected <= set(os.listdir(out))
+    with open(os.path.join(out, "config.json")) as f:
+        default_weight = {"flower": 0.01 if mode == "history" else 0.9, "sft": 0.0}[objective]
+        assert json.load(f)["gfn_weight"] == default_weight
     with open(os.path.join(out, "final.json")) as f:
         final = json.load(f)
     assert final["before"]["step"] == 0 and set(final["before"]) >= set(k for k in final["after"])
@@ -305,7 +308,7 @@ def test_torchrun_two_processes(tmp_path, tiny_model):
     out = str(tmp_path / "ddp")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                "-m", "flowkern.train", "--model", tiny_model, "--lora-r", "0", "--data", data, "--batch-size", "2",
-               "--max-steps", "3", "--eval-limit", "5", "--out", out]
+               "--grad-accum", "2", "--max-steps", "3", "--eval-limit", "5", "--out", out]
     subprocess.run(command, check=True, capture_output=True, timeout=600,
                    env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()})
     with open(os.path.join(out, "final.json")) as f:

@@ -178,31 +178,39 @@ def train_step(model, optimizer, task, trie, preferences, args, step, rank, worl
     optimizer.zero_grad(set_to_none=True)
     totals = {"sft": 0.0, "subtb": 0.0, "loss": 0.0}
     for micro in range(args.grad_accum):
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + micro * 7 + rank * 13)
-        rows, targets = batch_rows(task, args, step, micro, rank, world, steps_per_epoch, generator)
-        prompts = [task.train[r].prompt for r in rows]
-        continuations = [task.item_tokens[t] + [task.eos_token_id] for t in targets]
-        rollout_prompts, rewards = [], None
-        if args.gfn_weight > 0:
-            samples = rollouts(scorer, prompts, trie, args, generator)
-            rollout_prompts = [p for p in prompts for _ in range(args.rollouts)]
-            continuations += [row[:n].tolist() for row, n in zip(samples.tokens.cpu(), samples.lengths.tolist())]
-            if preferences is not None:
-                rewards = preferences[torch.tensor(rows).repeat_interleave(args.rollouts)].to(trie.device)
-        scores, tokens = score(model, prompts + rollout_prompts, continuations, task.eos_token_id, trie.device)
-        sft_rows = len(prompts)
-        log_p = scorer.sequence_log_probs(scores[:sft_rows], trie, tokens[:sft_rows], args.sft_normalize)
-        sft = -log_p.sum() / sum(len(c) for c in continuations[:sft_rows])
-        subtb = (scorer.subtb_loss(scores[sft_rows:], trie, rewards, tokens[sft_rows:], lam=args.lam,
-                                   pref_mode=args.pref_mode) if args.gfn_weight > 0 else torch.zeros(()))
-        loss = (1 - args.gfn_weight) * sft + args.gfn_weight * subtb
         last = micro == args.grad_accum - 1
-        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # all-reduce once
-            (loss / args.grad_accum).backward()
-        for name, value in (("sft", sft), ("subtb", subtb), ("loss", loss)):
-            totals[name] += float(value.detach()) / args.grad_accum
+        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # all-reduce once per step
+            losses = micro_step(model, scorer, task, trie, preferences, args, step, micro, rank, world,
+                                steps_per_epoch)
+        for name, value in losses.items():
+            totals[name] += value / args.grad_accum
     optimizer.step()
     return totals
+
+
+def micro_step(model, scorer, task, trie, preferences, args, step, micro, rank, world, steps_per_epoch):
+    """Rollouts, forward and backward of one micro-batch (DistributedDataParallel's no_sync
+    must hold over the forward too); returns its losses."""
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + micro * 7 + rank * 13)
+    rows, targets = batch_rows(task, args, step, micro, rank, world, steps_per_epoch, generator)
+    prompts = [task.train[r].prompt for r in rows]
+    continuations = [task.item_tokens[t] + [task.eos_token_id] for t in targets]
+    rollout_prompts, rewards = [], None
+    if args.gfn_weight > 0:
+        samples = rollouts(scorer, prompts, trie, args, generator)
+        rollout_prompts = [p for p in prompts for _ in range(args.rollouts)]
+        continuations += [row[:n].tolist() for row, n in zip(samples.tokens.cpu(), samples.lengths.tolist())]
+        if preferences is not None:
+            rewards = preferences[torch.tensor(rows).repeat_interleave(args.rollouts)].to(trie.device)
+    scores, tokens = score(model, prompts + rollout_prompts, continuations, task.eos_token_id, trie.device)
+    sft_rows = len(prompts)
+    log_p = scorer.sequence_log_probs(scores[:sft_rows], trie, tokens[:sft_rows], args.sft_normalize)
+    sft = -log_p.sum() / sum(len(c) for c in continuations[:sft_rows])
+    subtb = (scorer.subtb_loss(scores[sft_rows:], trie, rewards, tokens[sft_rows:], lam=args.lam,
+                               pref_mode=args.pref_mode) if args.gfn_weight > 0 else torch.zeros(()))
+    loss = (1 - args.gfn_weight) * sft + args.gfn_weight * subtb
+    (loss / args.grad_accum).backward()
+    return {"sft": float(sft.detach()), "subtb": float(subtb.detach()), "loss": float(loss.detach())}
 
 
 def batch_rows(task, args, step, micro, rank, world, steps_per_epoch, generator):

@@ -318,6 +318,37 @@ def test_torchrun_two_processes(tmp_path, tiny_model):
         assert json.load(f)["world_size"] == 2
 
 
+def test_grad_accumulation_all_reduces_once_per_step(tmp_path, tiny_model):
+    """Under DistributedDataParallel, micro-batches before the last skip the all-reduce:
+    one gradient bucket reduction per optimiser step whatever --grad-accum is."""
+    import torch.distributed as dist
+
+    from flowkern import train
+
+    loaded = load_model(tiny_model, seed=0)
+    task = load_task(write_dataset(str(tmp_path / "data")), loaded.tokenizer)
+    trie = task.trie()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        reductions = {}
+        for accum in (1, 3):
+            args = train.parse_args(["--batch-size", "2", "--grad-accum", str(accum), "--gfn-weight", "0.5"])
+            model = torch.nn.parallel.DistributedDataParallel(train.Scorer(loaded.model, None))
+            calls = []
+
+            def count(state, bucket):
+                calls.append(bucket.index())
+                return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+            model.register_comm_hook(None, count)
+            optimizer = torch.optim.SGD(loaded.model.parameters(), lr=0.0)
+            train.train_step(model, optimizer, task, trie, None, args, 0, 0, 2, 1)
+            reductions[accum] = len(calls)
+        assert reductions[1] > 0 and reductions[3] == reductions[1]
+    finally:
+        dist.destroy_process_group()
+
+
 def test_command_line_errors(tmp_path):
     with pytest.raises(SystemExit):
         main(["--gfn-weight", "1.5"])

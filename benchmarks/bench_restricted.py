@@ -155,6 +155,7 @@ def bench_trainer(device, repeats, quick):
     setups = {}
     for name, flags in STEPS:
         args = train.parse_args(common + flags)
+        args.gfn_weight = train.gfn_weight(args, task)
         model = copy.deepcopy(loaded.model).to(device)
         head, _ = train.output_head(model, args.full_head)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)

@@ -114,8 +114,7 @@ def main(argv=None):
     head, why_full = output_head(model, args.full_head)
     scorer = Scorer(model, head)
     task = load_task(args.data, loaded.tokenizer)
-    if args.gfn_weight is None:
-        args.gfn_weight = 0.9 if task.mode == "history_free" else 0.01
+    args.gfn_weight = gfn_weight(args, task)
     if args.pref_scores and task.mode != "history":
         raise SystemExit("--pref-scores needs a dataset with history")
     trie = task.trie().to(device)
@@ -166,6 +165,13 @@ def main(argv=None):
     run.finish(task, evaluator, after)
     if world > 1:
         dist.destroy_process_group()
+
+
+def gfn_weight(args, task):
+    """--gfn-weight, or its default for the task: 0.9 history-free, 0.01 with history."""
+    if args.gfn_weight is not None:
+        return args.gfn_weight
+    return 0.9 if task.mode == "history_free" else 0.01
 
 
 # ---- one optimiser step --------------------------------------------------------------------

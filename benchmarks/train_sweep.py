@@ -40,7 +40,7 @@ def main():
         subprocess.run(command, check=True)
         with open(os.path.join(out, "final.json")) as f:
             final = json.load(f)
-        run = ("SFT" if weight == 0 else f"Flower w={weight}") + ("" if sft == "full" else ", SFT over the trie")
+        run = ("SFT" if weight == 0 else f"Flower w={weight}") + ("" if sft == "full" else " (SFT over the trie)")
         row = {"run": run, "minutes": f"{final['seconds'] / 60:.1f}"}
         for name, value in final["after"].items():
             if isinstance(value, float):

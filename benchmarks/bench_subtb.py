@@ -8,8 +8,9 @@ Times forward + backward (the Flower form with the full softmax, the published o
 of: the published-style code (reference/published.py: dict look-ups per token, materialised
 log-softmax, a loop over subtrajectory lengths), the loop-level reference (small sizes only),
 flowkern's PyTorch path eagerly and under torch.compile, flowkern's default (process form,
-trie policy), the Triton path on CUDA, and the memory floor: one copy of the logits, which
-any path that reads them and writes their gradient must exceed.  Also the trie build (C++
+trie policy), the Triton path on CUDA, and the memory floor: a copy of the logits into a new
+tensor, which any path that reads them and returns a fresh gradient must exceed (on a CPU,
+paging in the new tensor's memory is most of it).  Also the trie build (C++
 against the published dict of prefix strings) and the trie walk with reward look-up alone.
 Every figure comes from this one run; ratios are to flowkern's fastest path.
 """
@@ -120,8 +121,8 @@ def bench_loss(preset, device, repeats, compile_too):
     default = ("flowkern default: process form, trie policy",
                fwd_bwd(lambda x: flowkern.subtb_loss(x, trie_d, tokens=tokens_d)))
 
-    copy = torch.empty_like(logits)
-    floor = ("floor: one copy of the logits (read and write B·T·V)", lambda: copy.copy_(logits))
+    floor = ("floor: copy the logits into a new tensor (read B·T·V, allocate and write B·T·V)",
+             lambda: torch.empty_like(logits).copy_(logits))
     results, values = {}, {}
     for name, run in variants + [default, floor]:
         try:

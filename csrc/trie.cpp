@@ -9,7 +9,7 @@
 //
 // The build sorts the items (an MSD radix sort that stops at groups of one), then numbers
 // the nodes in one pass over the sorted items.  Cost: O(total tokens * log branching);
-// the GIL is released throughout.
+// the GIL is released throughout.  `walk` follows token sequences down a built trie (CPU).
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -288,6 +288,61 @@ py::dict build_lists(const py::sequence& sequences, const FloatArray& rewards, i
                           eos, "sequences");
 }
 
+// Trie.walk on CPU: each row followed from the root, one binary search among the sorted
+// children per token, until its termination token or the first token that is not a child.
+// Fills nodes (B, T + 1, -1 once stopped), log_reward (B, T), length and left_at (B,).
+py::dict walk(const Int64Array& offsets, const Int32Array& edge_tokens, const FloatArray& log_flow,
+              int64_t eos, const Int64Array& tokens) {
+  if (tokens.ndim() != 2) fail("tokens must be two-dimensional");
+  const int64_t batch = tokens.shape(0), steps = tokens.shape(1);
+  py::array_t<int64_t> nodes({batch, steps + 1});
+  py::array_t<double> log_reward({batch, steps});
+  py::array_t<int64_t> length(batch), left_at(batch);
+  const int64_t* offset = offsets.data();
+  const int32_t* edge_token = edge_tokens.data();
+  const double* flow = log_flow.data();
+  const int64_t* token = tokens.data();
+  int64_t* node_out = nodes.mutable_data();
+  double* reward_out = log_reward.mutable_data();
+  int64_t* length_out = length.mutable_data();
+  int64_t* left_out = left_at.mutable_data();
+  {
+    py::gil_scoped_release release;
+    std::fill(node_out, node_out + batch * (steps + 1), -1);
+    std::fill(reward_out, reward_out + batch * steps, 0.0);
+    for (int64_t b = 0; b < batch; ++b) {
+      int64_t* row_nodes = node_out + b * (steps + 1);
+      const int64_t* row_tokens = token + b * steps;
+      length_out[b] = left_out[b] = -1;
+      int64_t node = 0;
+      row_nodes[0] = 0;
+      for (int64_t t = 0; t < steps; ++t) {
+        const int64_t x = row_tokens[t];
+        const int32_t* first = edge_token + offset[node];
+        const int32_t* last = edge_token + offset[node + 1];
+        const int32_t* edge = std::lower_bound(first, last, x, [](int32_t a, int64_t v) { return a < v; });
+        if (edge == last || *edge != x) {
+          left_out[b] = t;
+          break;
+        }
+        const int64_t child = (edge - edge_token) + 1;  // edge e leads to node e + 1
+        reward_out[b * steps + t] = flow[child] - flow[node];
+        row_nodes[t + 1] = node = child;
+        if (x == eos) {
+          length_out[b] = t;
+          break;
+        }
+      }
+    }
+  }
+  py::dict out;
+  out["nodes"] = nodes;
+  out["log_reward"] = log_reward;
+  out["length"] = length;
+  out["left_at"] = left_at;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_trie, m) {
@@ -297,4 +352,6 @@ PYBIND11_MODULE(_trie, m) {
         "Build from flat int32 tokens and int64 item offsets; returns a dict of numpy arrays.");
   m.def("build_lists", &build_lists, py::arg("sequences"), py::arg("rewards"), py::arg("eos_token_id"),
         "Build from a sequence of token-id sequences; returns a dict of numpy arrays.");
+  m.def("walk", &walk, py::arg("offsets"), py::arg("edge_tokens"), py::arg("log_flow"), py::arg("eos_token_id"),
+        py::arg("tokens"), "Trie.walk of a (B, T) int64 array on CPU; returns a dict of numpy arrays.");
 }

@@ -180,12 +180,23 @@ class Trie:
         """Follow each row of a (B, T) batch of token ids from the root (see `TrieWalk`).
 
         A row stops at its first termination token (after which nothing is read) or at the
-        first token that is not a child of its state.  Vectorised over rows, one step per
-        position, binary search among the sorted children."""
+        first token that is not a child of its state.  Binary search among the sorted
+        children: on CPU in C++ (csrc/trie.cpp), a row at a time; elsewhere vectorised over
+        rows in PyTorch, one step per position (`_walk_tensors`)."""
         check_token_tensor("tokens", tokens)
         if tokens.device != self.device:
             raise ValueError(f"tokens are on {tokens.device} but the trie is on {self.device}: "
                              f"use trie.to(tokens.device)")
+        if self.device.type != "cpu":
+            return self._walk_tensors(tokens)
+        arrays = _trie.walk(self.offsets.numpy(), self.tokens.numpy(), self.log_flow.numpy(), self.eos_token_id,
+                            tokens.long().contiguous().numpy())
+        nodes, log_reward, length, left_at = (torch.from_numpy(arrays[name])
+                                              for name in ("nodes", "log_reward", "length", "left_at"))
+        return self._finish_walk(nodes, log_reward, length, left_at)
+
+    def _walk_tensors(self, tokens: torch.Tensor) -> TrieWalk:
+        """`walk` with torch operations on the trie's device."""
         batch, steps = tokens.shape
         device = self.device
         tokens = tokens.long()
@@ -207,6 +218,9 @@ class Trie:
             length = torch.where(ended, t, length)
             active = found & ~ended
             node = torch.where(found, child, 0)
+        return self._finish_walk(nodes, log_reward, length, left_at)
+
+    def _finish_walk(self, nodes, log_reward, length, left_at) -> TrieWalk:
         leaf = nodes.gather(1, (length + 1).clamp(min=0)[:, None])[:, 0]
         item = torch.where(length >= 0, self.leaf_item(leaf), -1)
         return TrieWalk(nodes, log_reward, length, item, left_at)

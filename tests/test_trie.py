@@ -110,12 +110,13 @@ def catalogue_and_rows(draw):
     return catalogue, [row + [draw(token) for _ in range(steps - len(row))] for row in rows]
 
 
+@pytest.mark.parametrize("path", ["walk", "_walk_tensors"])  # C++ on CPU; PyTorch on other devices
 @settings(max_examples=150, deadline=None)
-@given(catalogue_and_rows())
-def test_walk_matches_dict_trie(case):
+@given(case=catalogue_and_rows())
+def test_walk_matches_dict_trie(path, case):
     catalogue, rows = case
     trie = catalogue.trie()
-    walk = trie.walk(torch.tensor(rows))
+    walk = getattr(trie, path)(torch.tensor(rows))
     oracle = catalogue.dict_trie()
     for b, row in enumerate(rows):
         states, log_rewards, length, item, left_at = oracle.walk(row)
@@ -127,6 +128,21 @@ def test_walk_matches_dict_trie(case):
         np.testing.assert_allclose(walk.log_reward[b, :steps].numpy(), log_rewards, rtol=1e-12, atol=1e-12)
         flows = np.exp(trie.log_flow.numpy()[walk.nodes[b, : steps + 1].numpy()] + trie.log_z)
         np.testing.assert_allclose(flows, [state.flow for state in states], rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.int64])
+def test_walk_paths_agree_on_any_integer_layout(dtype):
+    """Token dtypes, a non-contiguous batch and ids beyond int32 (never children)."""
+    trie = flowkern.Trie.build([[1, 2, 3], [1, 2], [4], [1, 5, 6, 7]], [1.0, 2.0, 3.0, 4.0], eos_token_id=0)
+    rows = torch.tensor([[1, 2, 3, 0], [1, 2, 0, 9], [4, 0, 0, 0], [1, 5, 6, 7], [1, 9, 0, 0], [-1, 0, 0, 0]])
+    batches = [rows.to(dtype), rows.to(dtype).T.contiguous().T]
+    if dtype == torch.int64:
+        batches.append(torch.where(rows == 9, 2**40 + 9, rows))
+    for tokens in batches:
+        fast, slow = trie.walk(tokens), trie._walk_tensors(tokens)
+        for name, a, b in zip(fast._fields, fast, slow):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert trie.walk(rows).length.tolist() == [3, 2, 1, -1, -1, -1]
 
 
 def test_build_releases_the_gil():

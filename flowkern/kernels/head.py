@@ -27,18 +27,22 @@ MAX_BLOCK_H = 128  # hidden units per step
 
 
 @triton.jit
-def _child_logits(z, h_row, stride_hh, weight_ptr, stride_wv, stride_wh, bias_ptr, column, valid, hidden_size,
-                  HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr):
-    """z (zeros on entry) + the logits of the row at the children `column`, −inf where not valid."""
-    for first in range(0, hidden_size, BLOCK_H):
-        k = first + tl.arange(0, BLOCK_H)
+def _child_block(z, first, end, edge_tokens_ptr, h_row, stride_hh, weight_ptr, stride_wv, stride_wh, bias_ptr,
+                 hidden_size, HAS_BIAS: tl.constexpr, CHILD_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The block of children on edges first .. first + CHILD_BLOCK − 1 (below `end`): their
+    tokens, which are valid, and z (zeros on entry) + their logits, −inf where not valid."""
+    edge = first + tl.arange(0, CHILD_BLOCK)
+    valid = edge < end
+    column = tl.load(edge_tokens_ptr + edge, mask=valid, other=0).to(tl.int64)
+    for k_first in range(0, hidden_size, BLOCK_H):
+        k = k_first + tl.arange(0, BLOCK_H)
         h = tl.load(h_row + k * stride_hh, mask=k < hidden_size, other=0.0).to(z.dtype)
         w = tl.load(weight_ptr + column[:, None] * stride_wv + k[None, :] * stride_wh,
                     mask=valid[:, None] & (k < hidden_size)[None, :], other=0.0).to(z.dtype)
         z += tl.sum(w * h[None, :], 1)
     if HAS_BIAS:
         z += tl.load(bias_ptr + column, mask=valid, other=0.0).to(z.dtype)
-    return tl.where(valid, z, float("-inf"))
+    return column, valid, tl.where(valid, z, float("-inf"))
 
 
 @triton.jit
@@ -55,11 +59,9 @@ def _head_log_probs_kernel(hidden_ptr, stride_hb, stride_ht, stride_hh, weight_p
     taken = tl.zeros((CHILD_BLOCK,), acc)
     start, end = _children(nodes_ptr, offsets_ptr, b, t, steps, used)
     for first in range(start, end, CHILD_BLOCK):
-        edge = first + tl.arange(0, CHILD_BLOCK)
-        valid = edge < end
-        column = tl.load(edge_tokens_ptr + edge, mask=valid, other=0).to(tl.int64)
-        z = _child_logits(tl.zeros((CHILD_BLOCK,), acc), h_row, stride_hh, weight_ptr, stride_wv, stride_wh, bias_ptr,
-                          column, valid, hidden_size, HAS_BIAS, BLOCK_H)
+        column, valid, z = _child_block(tl.zeros((CHILD_BLOCK,), acc), first, end, edge_tokens_ptr, h_row, stride_hh,
+                                        weight_ptr, stride_wv, stride_wh, bias_ptr, hidden_size, HAS_BIAS, CHILD_BLOCK,
+                                        BLOCK_H)
         peak, total = _lse_step(peak, total, z)
         taken += tl.where(valid & (column == token), z, 0.0)
     top = tl.max(peak, 0)
@@ -85,11 +87,9 @@ def _head_grad_kernel(hidden_ptr, stride_hb, stride_ht, stride_hh, weight_ptr, s
     token = tl.load(tokens_ptr + b * stride_tb + t * stride_tt, mask=used, other=-1).to(tl.int64)
     start, end = _children(nodes_ptr, offsets_ptr, b, t, steps, used)
     for first in range(start, end, CHILD_BLOCK):
-        edge = first + tl.arange(0, CHILD_BLOCK)
-        valid = edge < end
-        column = tl.load(edge_tokens_ptr + edge, mask=valid, other=0).to(tl.int64)
-        z = _child_logits(tl.zeros((CHILD_BLOCK,), acc), h_row, stride_hh, weight_ptr, stride_wv, stride_wh, bias_ptr,
-                          column, valid, hidden_size, HAS_BIAS, BLOCK_H)
+        column, valid, z = _child_block(tl.zeros((CHILD_BLOCK,), acc), first, end, edge_tokens_ptr, h_row, stride_hh,
+                                        weight_ptr, stride_wv, stride_wh, bias_ptr, hidden_size, HAS_BIAS, CHILD_BLOCK,
+                                        BLOCK_H)
         dz = tl.where(valid, coefficient * ((column == token).to(acc) - tl.exp(z - lse)), 0.0)
         slot = tl.load(slot_ptr + column, mask=valid, other=0)
         for k_first in range(0, hidden_size, BLOCK_H):

@@ -1,5 +1,6 @@
 """The benchmark scripts run (quick mode: small sizes, nothing written); timings are not tested."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,10 @@ def test_restricted_head_benchmark_runs():
                          text=True, check=True, timeout=600).stdout
     assert "| trie policy (process form) | frozen |" in out and "| full head (--full-head) |" in out
     assert "| evaluation: 1 prompt x 50 | restricted |" in out and "## Targets of issue 7" in out
+
+
+def test_row_gradient_count_runs():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "subtb_row_gradients.py"), "--data",
+                          str(BENCHMARKS.parent / "data" / "amazon" / "Movies_and_TV")], capture_output=True,
+                         text=True, check=True, timeout=600).stdout
+    assert re.fullmatch(r"w = 0\.01: in [\d,]+ of the [\d,]+ output rows the SubTB term touches, .*\n", out)

@@ -38,8 +38,7 @@ def log_probs(hidden, weight, bias, tokens, nodes, length, trie, normalize, flow
     if normalize == "trie":
         taken, lse = _trie_taken_logits(h, weight, bias, nodes[b, t], nodes[b, t + 1] - 1, trie)
         return per_position(tokens.shape, b, t, (taken - lse)[:, None], lse, flower)
-    lse = _full_lse(h, weight, bias)
-    columns = _column_logits(h, weight, bias, taken_columns(tokens, b, t, trie.eos_token_id, flower))
+    columns, lse = _full_columns_and_lse(h, weight, bias, taken_columns(tokens, b, t, trie.eos_token_id, flower))
     return per_position(tokens.shape, b, t, columns - lse[:, None], lse, flower)
 
 
@@ -130,7 +129,7 @@ def _trie_taken_logits(h, weight, bias, state, edge, trie):
 def _trie_grad(h, weight, bias, state, edge, trie, lse, g, weight_grad, bias_grad):
     """(dh (R, H), dW, db) of Σ_i g_i log π_i under the trie policy."""
     dh = torch.zeros_like(h)
-    touched = touched_tokens(state, trie)
+    touched = touched_tokens(state, trie) if weight_grad or bias_grad else None
     dw = h.new_zeros(touched.numel(), h.shape[1]) if weight_grad else None
     db = h.new_zeros(touched.numel()) if bias_grad else None
     for rows, edges in _node_blocks(state, trie, h.shape[1]):
@@ -141,6 +140,8 @@ def _trie_grad(h, weight, bias, state, edge, trie, lse, g, weight_grad, bias_gra
         taken = torch.zeros_like(z).scatter_(2, position[..., None], 1.0)
         dz = ((taken - torch.exp(z - lse[safe][..., None])) * g[safe][..., None]).masked_fill_(~used[..., None], 0.0)
         dh[rows[used]] = torch.bmm(dz, wb)[used]
+        if touched is None:
+            continue
         child = edges >= 0
         slot = torch.searchsorted(touched, columns[child])
         if dw is not None:
@@ -168,11 +169,18 @@ def _column_chunks(vocab, rows):
     return (slice(start, min(start + step, vocab)) for start in range(0, vocab, step))
 
 
-def _full_lse(h, weight, bias):
+def _full_columns_and_lse(h, weight, bias, cols):
+    """(z of row i at columns cols[i, k], (R, K); lse over all V columns, (R,)), both read
+    from the same chunks of logits."""
     lse = h.new_full(h.shape[:1], float("-inf"))
+    columns = h.new_empty(cols.shape)
+    row = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(cols)
     for chunk in _column_chunks(weight.shape[0], h.shape[0]):
-        lse = torch.logaddexp(lse, torch.logsumexp(_chunk_logits(h, weight, bias, chunk)[0], 1))
-    return lse
+        z = _chunk_logits(h, weight, bias, chunk)[0]
+        lse = torch.logaddexp(lse, torch.logsumexp(z, 1))
+        inside = (cols >= chunk.start) & (cols < chunk.stop)
+        columns[inside] = z[row[inside], cols[inside] - chunk.start]
+    return columns, lse
 
 
 def _chunk_logits(h, weight, bias, chunk):
@@ -180,12 +188,6 @@ def _chunk_logits(h, weight, bias, chunk):
     w = weight[chunk].to(h.dtype)
     z = h @ w.T
     return (z if bias is None else z + bias[chunk].to(h.dtype)), w
-
-
-def _column_logits(h, weight, bias, cols):
-    """z of row i at columns cols[i, k], (R, K)."""
-    z = torch.bmm(weight[cols].to(h.dtype), h[:, :, None])[..., 0]
-    return z if bias is None else z + bias[cols].to(h.dtype)
 
 
 def _full_grad(h, weight, bias, cols, lse, weights, weight_grad, bias_grad):

@@ -34,7 +34,7 @@ import torch
 from flowkern import eager, head
 from flowkern._checks import check_choice, check_number, check_token_tensor, describe
 from flowkern.eager import NONTERMINAL_LOG_REWARD
-from flowkern.policy import compute_dtype, full_log_probs, trie_log_softmax
+from flowkern.policy import compute_dtype
 from flowkern.trie import _ARRAYS, Trie
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -121,15 +121,8 @@ def sequence_log_probs(logits, trie, *, tokens, normalize="trie"):
     check_choice("normalize", normalize, ("trie", "full"))
     _check_inputs(logits, tokens, trie)
     walk = trie.walk(tokens)
-    source = _logits_source(logits)
-    _check_trajectories(walk, tokens, source, trie.eos_token_id, "error")
-    b, t = eager.used_rows(walk.length, tokens.shape[1])
-    if normalize == "trie":
-        log_pi, _ = trie_log_softmax(logits, b, t, walk.nodes[b, t], walk.nodes[b, t + 1] - 1, trie)
-    else:
-        log_pi = full_log_probs(logits, b, t, tokens[b, t].long()[:, None])[:, 0]
-    _check_finite_log_probs(log_pi[:, None], b, t, tokens[b, t], source)
-    return torch.zeros(tokens.shape[0], dtype=log_pi.dtype, device=log_pi.device).index_add(0, b, log_pi)
+    _check_trajectories(walk, tokens, _logits_source(logits), trie.eos_token_id, "error")
+    return _SequenceLogProbs.apply(tokens, walk, trie, normalize, logits)
 
 
 def linear_sequence_log_probs(hidden, weight, trie, *, tokens, bias=None, normalize="trie"):
@@ -141,31 +134,39 @@ def linear_sequence_log_probs(hidden, weight, trie, *, tokens, bias=None, normal
     source = _check_head_inputs(hidden, weight, bias, tokens, trie)
     walk = trie.walk(tokens)
     _check_trajectories(walk, tokens, source, trie.eos_token_id, "error")
-    return _HeadSequenceLogProbs.apply(hidden, weight, bias, tokens, walk, trie, normalize)
+    return _SequenceLogProbs.apply(tokens, walk, trie, normalize, hidden, weight, bias)
 
 
-class _HeadSequenceLogProbs(torch.autograd.Function):
-    """Σ_t log π_t per trajectory from the head; backward is the head's gradient with
-    coefficient ∂/∂log π_t = the upstream gradient of the trajectory."""
+class _SequenceLogProbs(torch.autograd.Function):
+    """Σ_t log π_t per trajectory, read from `inputs`: (logits,) or the head's (hidden,
+    weight, bias).  Backward is the stages' gradient with coefficient ∂/∂log π_t = the
+    upstream gradient of the trajectory."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, walk, trie, normalize):
-        stages = _head_stages(_backend("auto", hidden.device), normalize)
-        log_pi, _, lse = stages.log_probs(hidden, weight, bias, tokens, walk.nodes, walk.length, trie, normalize,
-                                          False)
+    def forward(ctx, tokens, walk, trie, normalize, *inputs):
+        from_head = len(inputs) == 3
+        stages = _backend("auto", inputs[0].device)
+        stages = _head_stages(stages, normalize) if from_head else stages
+        log_pi, _, lse = stages.log_probs(*inputs, tokens, walk.nodes, walk.length, trie, normalize, False)
         b, t = eager.used_rows(walk.length, tokens.shape[1])
-        _check_finite_log_probs(log_pi[b, t, None], b, t, tokens[b, t], _head_source(hidden, weight, bias))
-        ctx.save_for_backward(hidden, weight, bias, tokens, walk.nodes, walk.length, lse)
+        source = _head_source(*inputs) if from_head else _logits_source(*inputs)
+        _check_finite_log_probs(log_pi[b, t, None], b, t, tokens[b, t], source)
+        ctx.save_for_backward(tokens, walk.nodes, walk.length, lse, *inputs)
         ctx.trie, ctx.normalize, ctx.stages = trie, normalize, stages
         return log_pi.sum(1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, tokens, nodes, length, lse = ctx.saved_tensors
-        coefficient = grad_out.to(lse.dtype)[:, None].expand(tokens.shape)
-        dh, dw, db = ctx.stages.grad(hidden, weight, bias, tokens, nodes, length, ctx.trie, lse, coefficient,
-                                     ctx.normalize, False, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        return dh, dw, db, None, None, None, None
+        tokens, nodes, length, lse, *inputs = ctx.saved_tensors
+        coefficient = grad_out.to(lse.dtype)[:, None].expand(tokens.shape).contiguous()
+        stage_args = (tokens, nodes, length, ctx.trie, lse, coefficient, ctx.normalize, False)
+        if len(inputs) == 3:
+            grads = ctx.stages.grad(*inputs, *stage_args, *ctx.needs_input_grad[5:7])
+        else:
+            logits = inputs[0]
+            grads = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device),)
+            ctx.stages.logits_grad(logits, *stage_args, grads[0])
+        return (None,) * 4 + tuple(grads)
 
 
 def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, *, reduction="mean"):

@@ -44,28 +44,6 @@ def full_log_softmax_grad(logits, b, t, cols, lse, g, out):
         out[b[rows], t[rows]] = grad_z.to(out.dtype)
 
 
-def full_log_probs(logits: torch.Tensor, b: torch.Tensor, t: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Differentiable log softmax(logits[b_i, t_i])[cols[i, k]]: shape (R, K)."""
-    return _FullLogSoftmax.apply(logits, b, t, cols)
-
-
-class _FullLogSoftmax(torch.autograd.Function):
-    """Forward keeps one log-normaliser per row; backward rebuilds the softmax per chunk."""
-
-    @staticmethod
-    def forward(ctx, logits, b, t, cols):
-        out, lse = full_log_softmax(logits, b, t, cols)
-        ctx.save_for_backward(logits, b, t, cols, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, b, t, cols, lse = ctx.saved_tensors
-        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-        full_log_softmax_grad(logits, b, t, cols, lse, grad_out, grad)
-        return grad, None, None, None
-
-
 def _chunks(num_rows: int, width: int):
     step = max(1, _CHUNK_ELEMENTS // max(width, 1))
     return (slice(start, start + step) for start in range(0, num_rows, step))

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from flowkern.eager import used_rows
 from flowkern.head import on_rows, touched_tokens
-from flowkern.kernels.policy import _children, _lse_step, _row
+from flowkern.kernels.policy import _children, _lse_finish, _lse_step, _row
 from flowkern.policy import compute_dtype
 
 MAX_CHILD_BLOCK = 64  # children per step
@@ -64,9 +64,7 @@ def _head_log_probs_kernel(hidden_ptr, stride_hb, stride_ht, stride_hh, weight_p
                                         BLOCK_H)
         peak, total = _lse_step(peak, total, z)
         taken += tl.where(valid & (column == token), z, 0.0)
-    top = tl.max(peak, 0)
-    total = tl.sum(total * tl.where(peak == top, 1.0, tl.exp(peak - top)), 0)
-    lse = tl.where(used, top + tl.log(tl.where(used, total, 1.0)), 0.0)
+    lse = _lse_finish(peak, total, used)
     here = b * steps + t
     tl.store(lse_ptr + here, lse)
     tl.store(log_pf_ptr + here, tl.where(used, tl.sum(taken, 0) - lse, 0.0))
@@ -91,7 +89,8 @@ def _head_grad_kernel(hidden_ptr, stride_hb, stride_ht, stride_hh, weight_ptr, s
                                         weight_ptr, stride_wv, stride_wh, bias_ptr, hidden_size, HAS_BIAS, CHILD_BLOCK,
                                         BLOCK_H)
         dz = tl.where(valid, coefficient * ((column == token).to(acc) - tl.exp(z - lse)), 0.0)
-        slot = tl.load(slot_ptr + column, mask=valid, other=0)
+        if WEIGHT_GRAD or BIAS_GRAD:
+            slot = tl.load(slot_ptr + column, mask=valid, other=0)
         for k_first in range(0, hidden_size, BLOCK_H):
             k = k_first + tl.arange(0, BLOCK_H)
             inside = k < hidden_size
@@ -127,13 +126,16 @@ def grad(hidden, weight, bias, tokens, nodes, length, trie, lse, coefficient, no
          bias_grad):
     """As flowkern.head.grad with normalize="trie": (dh, dW or None, db or None)."""
     batch, steps, hidden_size = hidden.shape
-    b, t = used_rows(length, steps)
-    touched = touched_tokens(nodes[b, t], trie)
-    slot = torch.zeros(weight.shape[0], dtype=torch.long, device=hidden.device)
-    slot[touched] = torch.arange(touched.numel(), device=hidden.device)
     dh = torch.zeros(batch * steps, hidden_size, dtype=lse.dtype, device=hidden.device)
-    dw = torch.zeros(touched.numel(), hidden_size, dtype=lse.dtype, device=hidden.device) if weight_grad else None
-    db = torch.zeros(touched.numel(), dtype=lse.dtype, device=hidden.device) if bias_grad else None
+    dw = db = touched = None
+    slot = dh  # read only for dW or db
+    if weight_grad or bias_grad:
+        b, t = used_rows(length, steps)
+        touched = touched_tokens(nodes[b, t], trie)
+        slot = torch.zeros(weight.shape[0], dtype=torch.long, device=hidden.device)
+        slot[touched] = torch.arange(touched.numel(), device=hidden.device)
+        dw = torch.zeros(touched.numel(), hidden_size, dtype=lse.dtype, device=hidden.device) if weight_grad else None
+        db = torch.zeros(touched.numel(), dtype=lse.dtype, device=hidden.device) if bias_grad else None
     _head_grad_kernel[(batch * steps,)](
         hidden, *hidden.stride(), weight, *weight.stride(), weight if bias is None else bias, tokens, *tokens.stride(),
         nodes, length, trie.offsets, trie.tokens, lse, coefficient.to(lse.dtype).contiguous(), slot, dh,

@@ -54,6 +54,14 @@ def _lse_step(peak, total, z):
 
 
 @triton.jit
+def _lse_finish(peak, total, used):
+    """The log-sum-exp of the lanes folded by _lse_step; 0 for a row that is not used."""
+    top = tl.max(peak, 0)
+    total = tl.sum(total * tl.where(peak == top, 1.0, tl.exp(peak - top)), 0)
+    return tl.where(used, top + tl.log(tl.where(used, total, 1.0)), 0.0)
+
+
+@triton.jit
 def _rounded(x, dtype: tl.constexpr):
     """x in `dtype`, rounded to nearest (ties to even); bfloat16 by hand, as the Triton
     interpreter's float32 → bfloat16 cast truncates where the GPU's rounds."""
@@ -89,9 +97,7 @@ def _log_probs_kernel(logits_ptr, stride_lb, stride_lt, stride_lv, tokens_ptr, s
             column = first + tl.arange(0, BLOCK).to(tl.int64)
             z = tl.load(row + column * stride_lv, mask=column < vocab, other=float("-inf")).to(acc)
             peak, total = _lse_step(peak, total, z)
-    top = tl.max(peak, 0)
-    total = tl.sum(total * tl.where(peak == top, 1.0, tl.exp(peak - top)), 0)
-    lse = tl.where(used, top + tl.log(tl.where(used, total, 1.0)), 0.0)
+    lse = _lse_finish(peak, total, used)
     token = tl.load(tokens_ptr + b * stride_tb + t * stride_tt, mask=used, other=0).to(tl.int64)
     out = b * steps + t
     tl.store(lse_ptr + out, lse)

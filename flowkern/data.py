@@ -17,7 +17,7 @@ import ast
 import csv
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,7 +39,6 @@ class DataError(ValueError):
 class Example:
     prompt: list          # prompt token ids
     target: int = -1      # the next item's id (−1: none, history-free)
-    history: list = field(default_factory=list)  # item ids, oldest first
 
 
 @dataclass
@@ -125,7 +124,7 @@ def _load_history(directory, tokenizer, eos) -> Task:
 
     def examples(rows):
         return [Example(tokenizer.encode(HISTORY_PROMPT.format(history=", ".join(quoted[i] for i in history))),
-                        target, history) for history, target in rows]
+                        target) for history, target in rows]
 
     return Task("history", directory, titles, _tokenise_titles(titles, tokenizer, eos, "items.tsv"), counts + 1.0,
                 counts, eos, examples(splits["train"]), examples(splits["valid"]), examples(splits["test"]))

@@ -21,6 +21,7 @@ import torch
 from flowkern import head
 from flowkern._checks import check_count, check_number, describe
 from flowkern.models import forward_parameters
+from flowkern.policy import trie_children
 from flowkern.trie import Trie
 
 try:
@@ -42,7 +43,12 @@ def children_logits(logits: torch.Tensor, nodes: torch.Tensor, trie: Trie) -> Ch
     are in ascending token order.  Reads Σ_b deg(nodes[b]) logits, nothing else.  A leaf
     (no children) gives a row of −inf."""
     _check_step(logits, nodes, trie)
-    return _children(nodes, trie, lambda tokens, present: logits.gather(1, tokens).masked_fill(~present, float("-inf")))
+    return _children(nodes, trie, _gathered(logits))
+
+
+def _gathered(logits):
+    """values(tokens, present) for _children: the logits at the children's tokens."""
+    return lambda tokens, present: logits.gather(1, tokens).masked_fill(~present, float("-inf"))
 
 
 def _children(nodes, trie, values):
@@ -61,11 +67,7 @@ def mask_logits(logits: torch.Tensor, nodes: torch.Tensor, trie: Trie, *, inplac
     """`logits` (B, V) with every token that is not a child of `nodes[b]` set to −inf, padded
     vocabulary columns included.  `inplace=True` writes into `logits` and returns it."""
     _check_step(logits, nodes, trie)
-    start = trie.offsets[nodes]
-    degree = trie.offsets[nodes + 1] - start
-    row = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), degree)
-    first = torch.cumsum(degree, 0) - degree
-    edges = torch.arange(row.numel(), device=nodes.device) - first[row] + start[row]
+    row, edges, _ = trie_children(nodes, trie)
     columns = trie.tokens[edges].long()
     kept = logits[row, columns]
     out = logits.fill_(float("-inf")) if inplace else torch.full_like(logits, float("-inf"))
@@ -86,7 +88,7 @@ class Samples(NamedTuple):
 @torch.no_grad()
 def sample(model, prompt_ids, trie: Trie, num_samples: int = 1, temperature=1.0, max_len: Optional[int] = None, *,
            generator: Optional[torch.Generator] = None, return_log_probs: bool = False,
-           restricted_head: bool = False) -> Samples:
+           restricted_head=False) -> Samples:
     """Draw `num_samples` items per prompt from the trie-constrained policy of `model`, token
     by token with the model's KV cache, each row stopping at its termination token.
 
@@ -100,6 +102,8 @@ def sample(model, prompt_ids, trie: Trie, num_samples: int = 1, temperature=1.0,
     restricted_head: run only the model's body and take the children's logits from its last
                  hidden state and the output layer (which must be a plain torch.nn.Linear,
                  under a peft wrapper or not): the same distribution, without V logits a step.
+                 True checks the model's split with flowkern.head.linear_head on every call;
+                 pass that function's result instead to check it once.
     """
     decoder = _Decoder(model, prompt_ids, trie, restricted_head)
     check_count("num_samples", num_samples)
@@ -145,7 +149,7 @@ class Recommendations(NamedTuple):
 @torch.no_grad()
 def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional[int] = None, titles=None,
               length_normalize: bool = False, temperature: float = 1.0,
-              restricted_head: bool = False) -> Recommendations:
+              restricted_head=False) -> Recommendations:
     """The K best distinct items for each prompt by beam search under the trie-constrained
     policy, ranked by sequence log-probability Σ_t log π_t (termination token included).
 
@@ -249,7 +253,8 @@ class _Decoder:
         self.device = _model_device(model)
         if trie.device != self.device:
             raise ValueError(f"trie is on {trie.device} but the model is on {self.device}: use trie.to({self.device!r})")
-        self.head = head.linear_head(model) if restricted_head else None
+        self.head = restricted_head if isinstance(restricted_head, head.LinearHead) else (
+            head.linear_head(model) if restricted_head else None)
         self.runner = model if self.head is None else self.head.body
         input_ids, self.attention_mask = _left_pad(prompt_ids, self.device)
         self.batch = input_ids.shape[0]
@@ -266,7 +271,7 @@ class _Decoder:
 
     def children(self, nodes: torch.Tensor) -> Children:
         if self.head is None:
-            return children_logits(self.state, nodes, self.trie)
+            return _children(nodes, self.trie, _gathered(self.state))
         weight, bias = self.head.weight, self.head.bias
         return _children(nodes, self.trie, lambda tokens, present: head.children_logits(
             self.state, weight, bias, nodes, self.trie, tokens.shape[1]))

@@ -1,7 +1,7 @@
 """Tokenizers for the trainer: the exact Qwen2/2.5 tokenizer offline, or any Hugging Face one.
 
-Both expose `encode(text) -> list[int]` (no special tokens added), `decode(ids)`,
-`pad_token_id` and `name`.  Titles are encoded on their own, raw (no leading space, no BOS),
+Both expose `encode(text) -> list[int]` (no special tokens added), `decode(ids)` and
+`name`.  Titles are encoded on their own, raw (no leading space, no BOS),
 and appended to the prompt's ids, so BPE never merges across the prompt/title boundary.
 """
 
@@ -40,7 +40,6 @@ class QwenTokenizer:
         self._encoding = tiktoken.Encoding("qwen2.5", pat_str=QWEN_PATTERN, mergeable_ranks=ranks,
                                            special_tokens=special)
         self.vocab_size = len(ranks) + len(special)
-        self.pad_token_id = special["<|endoftext|>"]
 
     def encode(self, text: str) -> list:
         return self._encoding.encode_ordinary(unicodedata.normalize("NFC", text))
@@ -55,8 +54,6 @@ class HFTokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.name = type(tokenizer).__name__
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_token_id = 0 if pad is None else pad
 
     def encode(self, text: str) -> list:
         return self.tokenizer.encode(text, add_special_tokens=False)

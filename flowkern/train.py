@@ -142,7 +142,7 @@ def main(argv=None):
                                                             else None)
     run.write_config(args, loaded, task, trie, lora_r, lr, max_steps, world, why_full)
     evaluator = Evaluator(task, trie, args, rank, world, scorer)
-    final_split = "test" if task.mode == "history" else "all"
+    final_split, eval_split = ("test", "valid") if task.mode == "history" else ("all", "all")
 
     if start == 0:
         run.log_eval(0, final_split, evaluator(final_split))
@@ -153,8 +153,7 @@ def main(argv=None):
         progress.set_postfix(sft=f"{losses['sft']:.3f}", subtb=f"{losses['subtb']:.3f}")
         run.log({"step": step + 1, "split": "train", **losses})
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < max_steps:
-            run.log_eval(step + 1, "valid" if task.mode == "history" else "all",
-                         evaluator("valid" if task.mode == "history" else "all"))
+            run.log_eval(step + 1, eval_split, evaluator(eval_split))
         if rank == 0 and args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(model, loaded.tokenizer, {"step": step + 1, "optimizer": optimizer.state_dict()},
                             checkpoint)
@@ -179,24 +178,23 @@ def gfn_weight(args, task):
 def train_step(model, optimizer, task, trie, preferences, args, step, rank, world, steps_per_epoch):
     """(1 − w)·SFT + w·SubTB over `grad_accum` micro-batches; returns the mean losses.
     `model` is the Scorer, or the DistributedDataParallel wrapping it."""
-    scorer = unwrap(model)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     totals = {"sft": 0.0, "subtb": 0.0, "loss": 0.0}
     for micro in range(args.grad_accum):
         last = micro == args.grad_accum - 1
         with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # all-reduce once per step
-            losses = micro_step(model, scorer, task, trie, preferences, args, step, micro, rank, world,
-                                steps_per_epoch)
+            losses = micro_step(model, task, trie, preferences, args, step, micro, rank, world, steps_per_epoch)
         for name, value in losses.items():
             totals[name] += value / args.grad_accum
     optimizer.step()
     return totals
 
 
-def micro_step(model, scorer, task, trie, preferences, args, step, micro, rank, world, steps_per_epoch):
+def micro_step(model, task, trie, preferences, args, step, micro, rank, world, steps_per_epoch):
     """Rollouts, forward and backward of one micro-batch (DistributedDataParallel's no_sync
     must hold over the forward too); returns its losses."""
+    scorer = unwrap(model)
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + micro * 7 + rank * 13)
     rows, targets = batch_rows(task, args, step, micro, rank, world, steps_per_epoch, generator)
     prompts = [task.train[r].prompt for r in rows]
@@ -240,7 +238,7 @@ def rollouts(scorer, prompts, trie, args, generator):
     temperature = low + (high - low) * torch.rand(len(prompts) * args.rollouts, generator=generator)
     scorer.model.eval()
     samples = flowkern.sample(scorer.model, prompts, trie, num_samples=args.rollouts, temperature=temperature,
-                              generator=generator, restricted_head=scorer.head is not None)
+                              generator=generator, restricted_head=scorer.head)
     scorer.model.train()
     return samples
 
@@ -344,7 +342,6 @@ class Evaluator:
 
     def __init__(self, task, trie, args, rank, world, scorer):
         self.task, self.trie, self.args, self.rank, self.world, self.scorer = task, trie, args, rank, world, scorer
-        self.restricted = scorer.head is not None
         if task.mode == "history":
             self.groups, self.p_train = task.popularity_groups()
         self.predictions, self.samples = [], {}
@@ -366,7 +363,7 @@ class Evaluator:
             recs = flowkern.recommend(model, [examples[i].prompt for i in chunk], self.trie,
                                       k=min(10, len(self.task.titles)),
                                       num_beams=max(self.args.num_beams, 10), titles=self.task.titles,
-                                      temperature=self.args.eval_temperature, restricted_head=self.restricted)
+                                      temperature=self.args.eval_temperature, restricted_head=self.scorer.head)
             for i, items, scores, titles in zip(chunk, recs.items.tolist(), recs.scores.tolist(), recs.titles):
                 target = examples[i].target
                 rows.append({"row": i, "target_id": target, "target_title": self.task.titles[target],
@@ -396,7 +393,7 @@ class Evaluator:
         for start in range(0, share, 500):
             samples = flowkern.sample(model, [prompt], trie, num_samples=min(500, share - start),
                                       temperature=self.args.eval_temperature, generator=generator,
-                                      restricted_head=self.restricted)
+                                      restricted_head=self.scorer.head)
             counts += torch.bincount(samples.items.cpu(), minlength=len(task.titles))
         counts = sum(gather([counts], self.world))
         target = task.target_distribution()

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flowkern  # noqa: E402
 from benchmarks.bench_subtb import trajectories  # noqa: E402
-from benchmarks.common import (environment, fix_malloc_threshold, markdown_table, peak_memory, time_call,  # noqa: E402
-                               write_results)
+from benchmarks.common import (environment, fix_malloc_threshold, peak_memory, sections_markdown,  # noqa: E402
+                               time_call, write_results)
 from flowkern import train  # noqa: E402
 from flowkern.data import load_task  # noqa: E402
 from flowkern.models import load_model  # noqa: E402
@@ -72,8 +72,7 @@ def main():
         rows += [dict(row, section=title) for title, part in sections[-3:] for row in part]
         dw_bytes = vocab * hidden_size * (2 if device.type == "cuda" else 4)
         targets += target_lines(threads, loss_rows, step_rows, dw_bytes)
-    columns = lambda part: list(dict.fromkeys(key for row in part for key in row))  # noqa: E731
-    body = "\n\n".join(f"## {title}\n\n{markdown_table(part, columns(part))}" for title, part in sections)
+    body = sections_markdown(sections)
     body += ("\n\n## Targets of issue 7\n\n" + "\n".join(targets) +
              f"\n\nPeak memory is the {'CUDA allocation' if device.type == 'cuda' else 'resident set'} above what "
              f"was in use before the call (inputs excluded, gradients included), sampled every millisecond; times "
@@ -82,8 +81,7 @@ def main():
     if args.quick:
         print(body)
         return
-    name = "cpu" if device.type == "cpu" else "gpu-" + torch.cuda.get_device_name().replace(" ", "_")
-    write_results(f"restricted-{name}-{env['date']}", "flowkern benchmark: the restricted head", env, body, rows)
+    write_results("restricted", "flowkern benchmark: the restricted head", env, body, rows)
 
 
 def operator_latency():

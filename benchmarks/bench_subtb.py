@@ -27,11 +27,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flowkern  # noqa: E402
-from benchmarks.common import (environment, fix_malloc_threshold, markdown_table, peak_memory, time_call,  # noqa: E402
-                               write_results)
+from flowkern.trie import _ARRAYS  # noqa: E402
+from benchmarks.common import (environment, fix_malloc_threshold, peak_memory, sections_markdown,  # noqa: E402
+                               time_call, write_results)
 from reference import published  # noqa: E402
 from reference import subtb as loops  # noqa: E402
-from reference.trie import DictTrie  # noqa: E402
 from tests.strategies import movie_catalogue  # noqa: E402
 
 PRESETS = {  # batch (rollouts), title positions, vocabulary
@@ -69,17 +69,15 @@ def main():
         ("Trie build", build_rows),
         (f"Trie walk + process-reward look-up alone, B = {batch}, T = {steps}", walk_rows),
     ]
-    columns = lambda rows: list(dict.fromkeys(key for row in rows for key in row))  # noqa: E731
-    body = "\n\n".join(f"## {title}\n\n{markdown_table(rows, columns(rows))}" for title, rows in sections)
+    body = sections_markdown(sections)
     body += (f"\n\nLoss values agree across the Flower-form variants to a relative {check:.1e}.  Memory is the peak "
              f"{'CUDA allocation' if cuda else 'resident set'} above what was in use before the call, sampled every "
              f"millisecond.  Command: python benchmarks/bench_subtb.py {' '.join(sys.argv[1:])}")
     if args.quick:
         print(body)
         return
-    name = "cpu" if not cuda else "gpu-" + torch.cuda.get_device_name().replace(" ", "_")
     rows = [dict(row, section=title) for title, part in sections for row in part]
-    write_results(f"{name}-{env['date']}", "flowkern benchmark: Flower's SubTB loss", env, body, rows)
+    write_results("", "flowkern benchmark: Flower's SubTB loss", env, body, rows)
     if args.json:
         import json
 
@@ -170,7 +168,7 @@ def trajectories(batch, steps, vocab):
     tokens = torch.tensor([catalogue.sequences[i] + [catalogue.eos] * (steps - len(catalogue.sequences[i]))
                            for i in picked])
     table = published.build_process_rewards(catalogue.sequences, catalogue.rewards, catalogue.eos)
-    return catalogue, catalogue.trie(), DictTrie(catalogue.sequences, catalogue.rewards, catalogue.eos), table, tokens
+    return catalogue, catalogue.trie(), catalogue.dict_trie(), table, tokens
 
 
 # ---- the trie -----------------------------------------------------------------------------------
@@ -180,20 +178,17 @@ def bench_build(items, repeats):
     catalogue = movie_catalogue()
     rng = np.random.default_rng(0)
     synthetic = rng.integers(1, 151_643, size=(items, 20), dtype=np.int32)
-    cases = [("Movies_and_TV titles", catalogue.sequences, catalogue.rewards, catalogue.eos),
-             (f"synthetic {items:,} x 20 tokens", synthetic, np.ones(items), 0)]
-    for name, sequences, rewards, eos in cases:
-        lengths = np.array([len(s) for s in sequences])
-        flat = np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences]) if name.startswith("Movies") \
-            else synthetic.reshape(-1)
+    movie_lengths = np.array([len(s) for s in catalogue.sequences])
+    cases = [("Movies_and_TV titles", catalogue.sequences, np.concatenate(catalogue.sequences).astype(np.int32),
+              movie_lengths, catalogue.rewards, catalogue.eos),
+             (f"synthetic {items:,} x 20 tokens", synthetic, synthetic.reshape(-1), np.full(items, 20), np.ones(items), 0)]
+    for name, sequences, flat, lengths, rewards, eos in cases:
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         tokens = int(lengths.sum())
         build = lambda: flowkern.Trie.from_ragged(flat, offsets, rewards, eos_token_id=eos)  # noqa: E731
         trie = build()
         timing = time_call(build, repeats=repeats, warmup=1)
-        arrays = sum(getattr(trie, n).numel() * getattr(trie, n).element_size()
-                     for n in ("offsets", "tokens", "log_flow", "level_offsets", "leaf_nodes", "leaf_item_offsets",
-                               "leaf_items", "item_leaf", "item_rewards"))
+        arrays = sum(getattr(trie, name).nbytes for name in _ARRAYS)
         rows.append({"catalogue": name, "builder": "flowkern C++ (Trie.from_ragged)",
                      "median s": f"{timing['median_s']:.3f}", "M tokens/s": f"{tokens / timing['median_s'] / 1e6:.1f}",
                      "peak extra memory": f"{peak_memory(build, torch.device('cpu')) / 2**20:.0f} MiB",

@@ -83,15 +83,25 @@ def fix_malloc_threshold():
         pass
 
 
-def markdown_table(rows, columns):
+def markdown_table(rows, columns=None):
+    """Rows (dicts) as a markdown table; columns default to every key, in first-seen order."""
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def write_results(name, title, env, body, rows):
+def sections_markdown(sections):
+    """(title, rows) pairs as markdown sections, one table each."""
+    return "\n\n".join(f"## {title}\n\n{markdown_table(rows)}" for title, rows in sections)
+
+
+def write_results(prefix, title, env, body, rows):
     """Print `body` (markdown) under a heading that names the machine, and write it to
-    results/<name>.md, with `rows` and the environment in results/<name>.json."""
+    results/<prefix>-<device>-<date>.md, with `rows` and the environment in the .json twin
+    (device: "cpu" or "gpu-<name>")."""
+    device = "cpu" if env["device"].startswith("cpu") else "gpu-" + env["device"].replace(" ", "_")
+    name = "-".join(part for part in (prefix, device, env["date"]) if part)
     text = f"# {title}\n\n{env['date']}, {env['device']}, torch {env['torch']} ({env['threads']} threads), " \
            f"commit {env['commit']}, load average {' '.join(map(str, env['load_average']))} at the start\n\n" \
            f"{body.strip()}\n"

@@ -29,7 +29,7 @@ def main():
     for weight in (0.0, 1.0):  # SFT alone, then SubTB alone
         step_args = train.parse_args(["--data", args.data, "--gfn-weight", str(weight)])
         loaded.model.zero_grad()
-        train.micro_step(scorer, scorer, task, trie, None, step_args, 0, 0, 0, 1, 1)
+        train.micro_step(scorer, task, trie, None, step_args, 0, 0, 0, 1, 1)
         rows[weight] = head.weight.grad.norm(dim=1)
     touched = rows[1.0] > 0
     larger = args.weight * rows[1.0][touched] > (1 - args.weight) * rows[0.0][touched]

@@ -47,12 +47,10 @@ def main():
                 before = final["before"].get(name) if final["before"] else None
                 row[name] = f"{before:.4f} → {value:.4f}" if before is not None else f"{value:.4f}"
         rows.append(row)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    device = "cpu" if "cpu" in env["device"] else "gpu-" + env["device"].replace(" ", "_")
     notes = ("Each cell: before training (step 0) → after. Command: python benchmarks/train_sweep.py "
              + " ".join(sys.argv[1:]))
-    write_results(f"train-{args.name}-{device}-{env['date']}", f"Flower vs SFT: {args.name}", env,
-                  f"{markdown_table(rows, columns)}\n\n{notes}", rows)
+    write_results(f"train-{args.name}", f"Flower vs SFT: {args.name}", env,
+                  f"{markdown_table(rows)}\n\n{notes}", rows)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from hypothesis import strategies as st
 
 import flowkern
+from flowkern.data import _read_items
 from reference.trie import DictTrie
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -87,8 +88,7 @@ def load_title_ids():
 def movie_catalogue():
     """All Movies_and_TV items with real Qwen2.5 ids; reward = 1 + training count of the title."""
     ids = load_title_ids()
-    with open(os.path.join(DATA, "amazon", "Movies_and_TV", "items.tsv")) as f:
-        titles = [line.rstrip("\n").split("\t", 1)[1] for line in f.readlines()[1:]]
+    titles = _read_items(os.path.join(DATA, "amazon", "Movies_and_TV", "items.tsv"))
     with open(os.path.join(DATA, "amazon", "Movies_and_TV", "item_counts.json")) as f:
         counts = json.load(f)
     return Catalogue([ids[t] for t in titles], [1.0 + counts.get(t, 0) for t in titles], 198)

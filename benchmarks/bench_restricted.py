@@ -33,9 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flowkern  # noqa: E402
 from benchmarks.bench_subtb import trajectories  # noqa: E402
-from benchmarks.common import (environment, fix_malloc_threshold, peak_memory, sections_markdown,  # noqa: E402
-                               time_call, write_results)
-from flowkern import train  # noqa: E402
+from benchmarks.common import (environment, fix_malloc_threshold, flower_trainer, peak_memory,  # noqa: E402
+                               sections_markdown, time_call, trainer_step, write_results)
 from flowkern.data import load_task  # noqa: E402
 from flowkern.models import load_model  # noqa: E402
 
@@ -140,47 +139,39 @@ def _mib(size):
 
 # ---- (b) the embedded trainer --------------------------------------------------------------------
 
-STEPS = [("restricted head (default)", []), ("restricted head, --sft-normalize trie", ["--sft-normalize", "trie"]),
-         ("full head (--full-head)", ["--full-head"])]
+STEPS = [("restricted head (default)", {}), ("restricted head, --sft-normalize trie", {"sft_normalize": "trie"}),
+         ("full head (--full-head)", {"full_head": True})]
 
 
 def bench_trainer(device, repeats, quick):
     """Rows of the trainer-step table and of the rollout table."""
-    common = ["--batch-size", "4"] if quick else []
+    batch = 4 if quick else 32
     loaded = load_model(None, seed=0)
     task = load_task(None, loaded.tokenizer)
     trie = task.trie().to(device)
-    setups = {}
-    for name, flags in STEPS:
-        args = train.parse_args(common + flags)
-        args.gfn_weight = train.gfn_weight(args, task)
-        model = copy.deepcopy(loaded.model).to(device)
-        head, _ = train.output_head(model, args.full_head)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
-        setups[name] = (train.Scorer(model, head), optimizer, args)
+    setups = {name: flower_trainer(copy.deepcopy(loaded.model).to(device), task, per_device_train_batch_size=batch,
+                                   **options) for name, options in STEPS}
     seconds = {name: [] for name in setups}
     for step in range(1 + max(repeats, 3)):  # the setups take turns; step 0 warms up
-        for name, (scorer, optimizer, args) in setups.items():
-            torch.manual_seed(step)
+        for name, trainer in setups.items():
             start = time.perf_counter()
-            train.train_step(scorer, optimizer, task, trie, None, args, step, 0, 1, 1)
+            trainer_step(trainer)
             if step:
                 seconds[name].append(time.perf_counter() - start)
     full = statistics.median(seconds[STEPS[-1][0]])
     step_rows = [{"step": name, "median s": f"{statistics.median(times):.3f}",
                   "min-max s": f"{min(times):.3f}-{max(times):.3f}",
                   "full / this": f"{full / statistics.median(times):.1f}x"} for name, times in seconds.items()]
-    scorer = setups[STEPS[0][0]][0]
-    scorer.model.eval()
+    model = setups[STEPS[0][0]].model
+    model.eval()
     prompt = task.train[0].prompt
-    batch = train.parse_args(common).batch_size
     rollout_rows = []
     for label, prompts, count in ((f"trainer: {batch} prompts x 1", [prompt] * batch, 1),
                                   (f"evaluation: 1 prompt x {50 if quick else 500}", [prompt], 50 if quick else 500)):
         measured = {}
         for restricted in (True, False):
             def run():
-                return flowkern.sample(scorer.model, prompts, trie, num_samples=count, temperature=1.2,
+                return flowkern.sample(model, prompts, trie, num_samples=count, temperature=1.2,
                                        generator=torch.Generator().manual_seed(0), restricted_head=restricted)
             measured[restricted] = (int(run().lengths.sum()), time_call(run, repeats=max(repeats, 3), warmup=0))
         for restricted, (tokens, timing) in measured.items():

@@ -111,3 +111,25 @@ def write_results(prefix, title, env, body, rows):
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
     print(text)
+
+
+def flower_trainer(model, task, **options):
+    """A FlowerTrainer on `model` for timing single optimiser steps (`trainer_step`): a
+    temporary output directory, no reporting, the embedded model's learning rate."""
+    import tempfile
+
+    from flowkern.trainer import FlowerConfig, FlowerTrainer
+
+    config = FlowerConfig(output_dir=tempfile.mkdtemp(prefix="flowkern-bench-"), learning_rate=3e-3,
+                          report_to=["none"], disable_tqdm=True, **options)
+    trainer = FlowerTrainer(model, config, task)
+    trainer.create_optimizer()
+    trainer.batches = iter(trainer.get_train_dataloader())
+    return trainer
+
+
+def trainer_step(trainer):
+    """One optimiser step of `trainer` on its next batch: rollouts, forward, backward, AdamW."""
+    trainer.training_step(trainer.model, next(trainer.batches))
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)

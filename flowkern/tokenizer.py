@@ -7,6 +7,7 @@ and appended to the prompt's ids, so BPE never merges across the prompt/title bo
 
 import base64
 import importlib.util
+import json
 import os
 import unicodedata
 
@@ -17,6 +18,7 @@ QWEN_SPECIAL_TOKENS = (  # ids 151643 .. 151664, after the 151,643 BPE ranks
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
     "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+MARKER = "flowkern.json"  # in a saved directory of the embedded model: which tokenizer it uses
 
 
 class QwenTokenizer:
@@ -47,6 +49,12 @@ class QwenTokenizer:
     def decode(self, ids) -> str:
         return self._encoding.decode(list(ids))
 
+    def save_pretrained(self, directory: str) -> None:
+        """Mark a saved model directory as using this tokenizer (what `--model DIR` reads)."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, MARKER), "w") as f:
+            json.dump({"tokenizer": self.name}, f)
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer behind the same interface."""
@@ -60,3 +68,6 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids))
+
+    def save_pretrained(self, directory: str) -> None:
+        self.tokenizer.save_pretrained(directory)

@@ -6,14 +6,17 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from hypothesis import strategies as st
 
 import flowkern
-from flowkern.data import _read_items
+from flowkern.data import BUILTIN, _read_items
 from reference.trie import DictTrie
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+MOVIES = BUILTIN["movies"]  # shipped in the package
+TITLES = ["Alien", "Aliens", "Heat", "Up", "Jaws", "Big"]
 
 
 @dataclass
@@ -88,8 +91,8 @@ def load_title_ids():
 def movie_catalogue():
     """All Movies_and_TV items with real Qwen2.5 ids; reward = 1 + training count of the title."""
     ids = load_title_ids()
-    titles = _read_items(os.path.join(DATA, "amazon", "Movies_and_TV", "items.tsv"))
-    with open(os.path.join(DATA, "amazon", "Movies_and_TV", "item_counts.json")) as f:
+    titles = _read_items(os.path.join(MOVIES, "items.tsv"))
+    with open(os.path.join(MOVIES, "item_counts.json")) as f:
         counts = json.load(f)
     return Catalogue([ids[t] for t in titles], [1.0 + counts.get(t, 0) for t in titles], 198)
 
@@ -110,3 +113,20 @@ def tiny_qwen2(vocab, seed=0):
     config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     return Qwen2ForCausalLM(config).eval()
+
+
+def write_dataset(directory, rows=12):
+    """A tiny dataset in the Movies_and_TV layout."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "items.tsv"), "w") as f:
+        f.write("item_id\ttitle\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(TITLES)))
+    rng = np.random.default_rng(0)
+    for split in ("train", "valid", "test"):
+        with open(os.path.join(directory, f"{split}.csv"), "w") as f:
+            f.write("history_item_id,item_id,history_item_title,item_title\n")
+            for _ in range(rows):
+                history = rng.choice(len(TITLES), size=3, replace=False).tolist()
+                target = int(rng.integers(len(TITLES)))
+                names = [TITLES[i] for i in history]
+                f.write(f"\"{history}\",{target},\"{names}\",{TITLES[target]}\n")
+    return directory

@@ -29,6 +29,6 @@ def test_restricted_head_benchmark_runs():
 
 def test_row_gradient_count_runs():
     out = subprocess.run([sys.executable, str(BENCHMARKS / "subtb_row_gradients.py"), "--data",
-                          str(BENCHMARKS.parent / "data" / "amazon" / "Movies_and_TV")], capture_output=True,
+                          "movies"], capture_output=True,
                          text=True, check=True, timeout=600).stdout
     assert re.fullmatch(r"w = 0\.01: in [\d,]+ of the [\d,]+ output rows the SubTB term touches, .*\n", out)

@@ -1,0 +1,400 @@
+"""FlowerTrainer: Flower fine-tuning (arXiv 2503.07377) on the Hugging Face Trainer.
+
+    loss = (1 − w)·SFT + w·SubTB                                        (Eq. 12)
+    SFT    token cross-entropy of the ground-truth title and its "\\n" (BIGRec), over the full
+           vocabulary, or with `sft_normalize="trie"` over the trie children
+    SubTB  flowkern.subtb_loss (Eq. 11) on the model's own trie-constrained rollouts:
+           `rollouts` per prompt, each at a temperature drawn from `rollout_temperature`
+
+`compute_loss` holds only that.  The optimiser, schedule and warmup, clipping, gradient
+accumulation, mixed precision, distributed training (accelerate: DDP; FSDP and DeepSpeed
+with `full_head=True`), checkpointing, `resume_from_checkpoint`, `report_to` and callbacks
+are the Trainer's.  `evaluate` computes the paper's metrics instead of a loss: with
+history, top-10 trie-constrained beam search → NDCG@5/10, HR@5/10, DGU@10, MGU@10, H, TTR;
+history-free, the exact title distribution (KL both ways, JS) and a sampled one.
+
+    config = FlowerConfig(output_dir="runs/mine", max_steps=300, learning_rate=3e-3)
+    trainer = FlowerTrainer(model, config, task)          # task: flowkern.data.load_task(...)
+    trainer.train()
+    print(trainer.evaluate(task.test, metric_key_prefix="test"))
+"""
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+
+import flowkern
+from flowkern import checkpoints, metrics
+from flowkern.head import linear_head
+from flowkern.models import forward_parameters
+
+RUN_SETTINGS = "flowkern_run.json"  # in each checkpoint: what a resume must not change silently
+
+
+def default_gfn_weight(task) -> float:
+    """0.9 history-free (the best of benchmarks/results/train-embedded-history-free-*.md),
+    0.01 with history (the paper's range; w = 0.5 hurt, train-embedded-movies-history-*.md)."""
+    return 0.9 if task.mode == "history_free" else 0.01
+
+
+@dataclass
+class FlowerConfig(TrainingArguments):
+    """TrainingArguments plus Flower's options; defaults differ from the Trainer's where
+    the paper's recipe or the embedded run needs it (constant learning rate, no decay)."""
+
+    gfn_weight: Optional[float] = field(default=None, metadata={
+        "help": "w in (1 − w)·SFT + w·SubTB; 0 is plain SFT. Default: 0.9 history-free, 0.01 with history"})
+    lam: float = field(default=1.0, metadata={"help": "SubTB subtrajectory decay λ > 0"})
+    rollouts: int = field(default=1, metadata={"help": "on-policy rollouts per prompt of the batch"})
+    rollout_temperature: list[float] = field(default_factory=lambda: [1.0, 1.5], metadata={
+        "help": "MIN MAX: each rollout's temperature is drawn uniformly from [MIN, MAX]"})
+    pref_mode: Literal["div", "add"] = field(default="div", metadata={
+        "help": "how preference scores personalise the process reward: log r / p (div) or log r + log p (add)"})
+    sft_normalize: Literal["full", "trie"] = field(default="full", metadata={
+        "help": "SFT cross-entropy over the full vocabulary (BIGRec) or over the trie children"})
+    full_head: bool = field(default=False, metadata={
+        "help": "compute all V logits (default: only those needed, from the body's hidden states, when the "
+                "output layer is a plain Linear; FSDP and DeepSpeed need full_head)"})
+    eval_limit: Optional[int] = field(default=None, metadata={
+        "help": "with history: evaluate on the first N rows of a split (default: all)"})
+    eval_samples: int = field(default=10_000, metadata={"help": "history-free: samples drawn to evaluate"})
+    eval_temperature: float = field(default=1.0, metadata={"help": "decoding temperature at evaluation (Temp)"})
+    num_beams: int = field(default=10, metadata={"help": "beam width of the top-10 recommendation (>= 10)"})
+
+    output_dir: str = field(default=os.path.join("runs", "default"), metadata={"help": "run directory"})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "SFT examples per process and step"})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "prompts per beam search at evaluation"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "passes over the training rows"})
+    logging_steps: float = field(default=10, metadata={"help": "log the losses every N steps"})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "complete checkpoints kept"})
+    report_to: Optional[list[str]] = field(default_factory=lambda: ["none"], metadata={
+        "help": "integrations to log to, e.g. tensorboard"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the batches are row ids"})
+    dataloader_pin_memory: bool = field(default=False, metadata={"help": "the batches are row ids: nothing to pin"})
+
+    def __post_init__(self):
+        if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            self.use_cpu = True  # without it accelerate leaves torchrun's CPU processes unaware of each other
+        super().__post_init__()
+        if self.gfn_weight is not None and not 0.0 <= self.gfn_weight <= 1.0:
+            raise ValueError(f"gfn_weight must lie in [0, 1], got {self.gfn_weight}")
+        if len(self.rollout_temperature) != 2 or not 0 < self.rollout_temperature[0] <= self.rollout_temperature[1]:
+            raise ValueError(f"rollout_temperature needs MIN MAX with 0 < MIN <= MAX, got {self.rollout_temperature}")
+        if not (self.lam > 0 and math.isfinite(self.lam)):
+            raise ValueError(f"lam must be a finite number > 0, got {self.lam}")
+        if not (self.eval_temperature > 0 and math.isfinite(self.eval_temperature)):
+            raise ValueError(f"eval_temperature must be a finite number > 0, got {self.eval_temperature}")
+        for name in ("rollouts", "eval_samples", "per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_beams < 10:
+            raise ValueError(f"num_beams must be >= 10 (the top-10 recommendation), got {self.num_beams}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be >= 1, got {self.eval_limit}")
+
+
+class FlowerTrainer(Trainer):
+    """A Trainer whose loss is Flower's and whose evaluation is the paper's metrics.
+
+    model:        a causal LM (peft-wrapped or not); its logits over the item titles' tokens
+    args:         a FlowerConfig
+    task:         a flowkern.data.Task: items, their token ids and rewards, the prompts
+    preferences:  optional (train rows, items) tensor of normalised preference scores
+                  (flowkern.data.load_preferences) that personalise the rewards (Sec. 3.3.3)
+    Other keyword arguments go to transformers.Trainer (callbacks, processing_class, ...)."""
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a mean: the Trainer divides by accumulation
+
+    def __init__(self, model, args: FlowerConfig, task, preferences: Optional[torch.Tensor] = None, **kwargs):
+        if not isinstance(args, FlowerConfig):
+            raise TypeError(f"args must be a flowkern.FlowerConfig, got {type(args).__name__}")
+        if preferences is not None and (task.mode != "history" or preferences.shape != (len(task.train),
+                                                                                         len(task.titles))):
+            raise ValueError(f"preferences need a task with history and shape (train rows, items) = "
+                             f"({len(task.train)}, {len(task.titles)}), got {tuple(preferences.shape)}")
+        if args.gfn_weight is None:
+            args.gfn_weight = default_gfn_weight(task)
+        self.task, self.preferences = task, preferences
+        self.head, self.full_head_because = _output_head(model, args.full_head)
+        evaluation_rows = task.valid[:args.eval_limit] if task.mode == "history" else task.train
+        super().__init__(model=model, args=args, train_dataset=_TrainRows(task, args.seed),
+                         eval_dataset=evaluation_rows, data_collator=_collate, **kwargs)
+        self.trie = task.trie().to(self.args.device)
+        self.keep_logits = "logits_to_keep" in forward_parameters(model)
+        self.evaluation = {}  # the last evaluation's full result (lists included), for the artefacts
+        self._micro = (-1, 0)  # (global step, micro-batch within it) of the last compute_loss
+        self._parts = torch.zeros(3, dtype=torch.float64)  # Σ SFT, Σ SubTB, micro-batches since the last log
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """(1 − w)·SFT + w·SubTB of one micro-batch: rollouts from the model as it is, then
+        one forward over the ground-truth rows and the rollouts."""
+        task, args, w = self.task, self.args, self.args.gfn_weight
+        rows, targets = inputs["rows"].tolist(), inputs["targets"].tolist()
+        prompts = [task.train[r].prompt for r in rows]
+        continuations = [task.item_tokens[t] + [task.eos_token_id] for t in targets]
+        rollout_prompts, rewards = [], None
+        if w > 0:
+            samples = self._rollouts(prompts)
+            rollout_prompts = [p for p in prompts for _ in range(args.rollouts)]
+            continuations += [row[:n].tolist() for row, n in zip(samples.tokens.cpu(), samples.lengths.tolist())]
+            if self.preferences is not None:
+                rewards = self.preferences[torch.tensor(rows).repeat_interleave(args.rollouts)].to(self.trie.device)
+        scores, tokens = self._score(model, prompts + rollout_prompts, continuations)
+        n = len(prompts)
+        log_p = self._sequence_log_probs(scores[:n], tokens[:n], args.sft_normalize)
+        sft = -log_p.sum() / sum(len(c) for c in continuations[:n])
+        subtb = self._subtb(scores[n:], tokens[n:], rewards) if w > 0 else sft.new_zeros(())
+        loss = (1 - w) * sft + w * subtb
+        self._parts += torch.tensor([float(sft.detach()), float(subtb.detach()), 1.0], dtype=torch.float64)
+        return (loss, {"sft": sft, "subtb": subtb}) if return_outputs else loss
+
+    def _rollouts(self, prompts):
+        """`rollouts` trie-constrained samples per prompt, each at its own temperature, from a
+        generator seeded by (seed, step, micro-batch, process): reproducible on resume."""
+        step, micro = self._micro
+        self._micro = (self.state.global_step, micro + 1 if step == self.state.global_step else 0)
+        step, micro = self._micro
+        generator = torch.Generator().manual_seed(
+            self.args.seed * 1_000_003 + step * 101 + micro * 7 + self.args.process_index * 13)
+        low, high = self.args.rollout_temperature
+        temperature = low + (high - low) * torch.rand(len(prompts) * self.args.rollouts, generator=generator)
+        self.model.eval()
+        samples = flowkern.sample(self.model, prompts, self.trie, num_samples=self.args.rollouts,
+                                  temperature=temperature, generator=generator, restricted_head=self.head)
+        self.model.train()
+        return samples
+
+    def log(self, logs, start_time=None):
+        """The Trainer's logs, with the SFT and SubTB terms averaged over the micro-batches
+        since the last log and over the processes."""
+        if "loss" in logs:
+            parts = self.accelerator.reduce(self._parts.to(self.args.device), reduction="sum").cpu()
+            if parts[2] > 0:
+                logs["sft"], logs["subtb"] = float(parts[0] / parts[2]), float(parts[1] / parts[2])
+            self._parts.zero_()
+        super().log(logs, start_time)
+
+    # ---- the model's scores and the losses over them ------------------------------------------
+
+    def _score(self, model, prompts, continuations):
+        """What the losses read at the continuation positions, (N, T, H) hidden states with the
+        restricted head or (N, T, V) logits, and the continuations (N, T) padded with the
+        termination token.  Prompts are left-padded to a common end S, so what predicts
+        continuation token t sits at position S − 1 + t of every row."""
+        eos, device = self.task.eos_token_id, self.trie.device
+        width, steps = max(map(len, prompts)), max(map(len, continuations))
+        input_ids = torch.full((len(prompts), width + steps), eos, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        tokens = torch.full((len(prompts), steps), eos, dtype=torch.long)
+        for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+            input_ids[i, width - len(prompt):width] = torch.tensor(prompt)
+            input_ids[i, width:width + len(continuation)] = torch.tensor(continuation)
+            attention_mask[i, width - len(prompt):width + len(continuation)] = 1
+            tokens[i, :len(continuation)] = torch.tensor(continuation)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        inputs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                      position_ids=position_ids.to(device), use_cache=False)
+        start = width - 1
+        if self.head is None:
+            kept = input_ids.shape[1] - start
+            logits = model(**inputs, **({"logits_to_keep": kept} if self.keep_logits else {})).logits
+            return logits[:, -kept:][:, :steps], tokens.to(device)
+        # Through the (possibly wrapped) model, so that DDP sees the forward; the body's
+        # output is taken on the way, and the model computes the logits of one position only.
+        captured = []
+        hook = self.head.body.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+        try:
+            model(**inputs, **({"logits_to_keep": 1} if self.keep_logits else {}))
+        finally:
+            hook.remove()
+        return captured[-1][:, start:start + steps], tokens.to(device)
+
+    def _sequence_log_probs(self, scores, tokens, normalize, temperature=1.0):
+        if self.head is None:
+            logits = scores if temperature == 1.0 else scores / temperature
+            return flowkern.sequence_log_probs(logits, self.trie, tokens=tokens, normalize=normalize)
+        bias = self.head.bias
+        if temperature != 1.0:
+            scores, bias = scores / temperature, None if bias is None else bias / temperature
+        return flowkern.linear_sequence_log_probs(scores, self.head.weight, self.trie, tokens=tokens, bias=bias,
+                                                  normalize=normalize)
+
+    def _subtb(self, scores, tokens, rewards):
+        options = dict(tokens=tokens, lam=self.args.lam, pref_mode=self.args.pref_mode)
+        if self.head is None:
+            return flowkern.subtb_loss(scores, self.trie, rewards, **options)
+        return flowkern.linear_subtb_loss(scores, self.head.weight, self.trie, rewards, bias=self.head.bias,
+                                          **options)
+
+    # ---- evaluation: the paper's metrics --------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """The paper's metrics of the model as it is (with history: on `eval_dataset`, a list
+        of flowkern.data.Examples, default the first `eval_limit` rows of valid), logged
+        and returned with `metric_key_prefix`; the full result stays in `self.evaluation`.
+        Rows and samples are split across processes and gathered."""
+        examples = self.eval_dataset if eval_dataset is None else list(eval_dataset)[:self.args.eval_limit]
+        training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            result = self._recommendations(examples) if self.task.mode == "history" else self._distribution()
+        self.model.train(training)
+        self.evaluation = result
+        scalars = {f"{metric_key_prefix}_{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+        self.log(scalars)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, scalars)
+        return scalars
+
+    def _recommendations(self, examples):
+        from accelerate.utils import gather_object
+
+        task, args = self.task, self.args
+        groups, p_train = task.popularity_groups()
+        mine = list(range(args.process_index, len(examples), args.world_size))
+        rows = []
+        for start in range(0, len(mine), args.per_device_eval_batch_size):
+            chunk = mine[start:start + args.per_device_eval_batch_size]
+            recs = flowkern.recommend(self.model, [examples[i].prompt for i in chunk], self.trie,
+                                      k=min(10, len(task.titles)), num_beams=args.num_beams, titles=task.titles,
+                                      temperature=args.eval_temperature, restricted_head=self.head)
+            for i, items, scores, titles in zip(chunk, recs.items.tolist(), recs.scores.tolist(), recs.titles):
+                target = examples[i].target
+                rows.append({"row": i, "target_id": target, "target_title": task.titles[target],
+                             "items": items[:len(titles)], "titles": titles, "scores": scores[:len(titles)]})
+        rows = sorted(gather_object(rows) if args.world_size > 1 else rows, key=lambda r: r["row"])
+        ranked = [r["titles"] for r in rows]
+        result = metrics.accuracy(ranked, [r["target_title"] for r in rows])
+        result.update(metrics.fairness([[int(groups[i]) for i in r["items"]] for r in rows], p_train))
+        result.update(metrics.diversity(ranked))
+        result.update(rows=len(rows), predictions=rows, p_train=p_train.tolist())
+        return result
+
+    def _distribution(self):
+        from accelerate.utils import gather_object
+
+        task, args = self.task, self.args
+        prompt, device = task.train[0].prompt, self.trie.device
+        exact = torch.zeros(len(task.titles), dtype=torch.float64)
+        for start in range(0, len(task.titles), 32):
+            items = list(range(start, min(start + 32, len(task.titles))))
+            scores, tokens = self._score(self.model, [prompt] * len(items),
+                                         [task.item_tokens[i] + [task.eos_token_id] for i in items])
+            exact[items] = self._sequence_log_probs(scores, tokens, "trie", args.eval_temperature).exp().double().cpu()
+        counts = torch.zeros(len(task.titles))
+        generator = torch.Generator().manual_seed(args.seed + 17 * args.process_index)
+        share = args.eval_samples // args.world_size + (args.process_index < args.eval_samples % args.world_size)
+        for start in range(0, share, 500):
+            samples = flowkern.sample(self.model, [prompt], self.trie, num_samples=min(500, share - start),
+                                      temperature=args.eval_temperature, generator=generator,
+                                      restricted_head=self.head)
+            counts += torch.bincount(samples.items.cpu(), minlength=len(task.titles))
+        if args.world_size > 1:
+            counts = torch.tensor(np.sum(gather_object([counts.tolist()]), axis=0), dtype=counts.dtype)
+        target = task.target_distribution()
+        result = {f"exact {name}": value for name, value in metrics.divergences(target, exact.numpy()).items()}
+        result.update({f"sampled {name}": v for name, v in metrics.divergences(target, counts.numpy()).items()})
+        result.update(samples=int(counts.sum()), exact_distribution=exact.tolist(),
+                      sampled={title: int(c) for title, c in zip(task.titles, counts.tolist())})
+        return result
+
+    # ---- checkpoints that survive a kill, resumes that change nothing silently -----------------
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """As Trainer.train; `resume_from_checkpoint=True` takes the newest *complete*
+        checkpoint of output_dir (incomplete ones, left by a kill, are removed), and a resume
+        whose learning rate, batch size, accumulation, processes, seed, w or data differ
+        from the checkpoint's is refused with a ValueError naming them."""
+        if resume_from_checkpoint is True:
+            if self.args.should_save:
+                checkpoints.remove_incomplete(self.args.output_dir)
+            self.accelerator.wait_for_everyone()
+            resume_from_checkpoint = checkpoints.last_complete(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume: no complete checkpoint in {self.args.output_dir}")
+        if resume_from_checkpoint is not None:
+            self._check_resume(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _run_settings(self):
+        return {"learning_rate": self.args.learning_rate, "batch_size": self.args.per_device_train_batch_size,
+                "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+                "world_size": self.args.world_size, "seed": self.args.seed, "gfn_weight": self.args.gfn_weight,
+                "data": self.task.fingerprint()}
+
+    def _check_resume(self, directory):
+        import json
+
+        try:
+            with open(os.path.join(directory, RUN_SETTINGS)) as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            return  # a checkpoint from another trainer: nothing to compare
+        changed = [f"{name} {saved[name]!r} -> {value!r}" for name, value in self._run_settings().items()
+                   if name in saved and saved[name] != value]
+        if changed:
+            raise ValueError(f"resume from {directory}: refused, the run changed ({'; '.join(changed)}); use the "
+                             f"checkpoint's values or start a new run in another output_dir")
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, then its manifest (flowkern.checkpoints), then rotation:
+        older checkpoints are deleted only once the new one is complete."""
+        import json
+
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            directory = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+            with open(os.path.join(directory, RUN_SETTINGS), "w") as f:
+                json.dump(self._run_settings(), f)
+            checkpoints.mark_complete(directory)
+            checkpoints.rotate(run_dir, limit, keep=self.state.best_model_checkpoint)
+
+
+class _TrainRows(torch.utils.data.Dataset):
+    """(training row, SFT target) pairs.  With history: train.csv's rows.  History-free:
+    as many targets as there are interactions (Σ counts, at least one per item), drawn in
+    proportion to the counts, all with the one prompt (row 0)."""
+
+    def __init__(self, task, seed):
+        if task.mode == "history":
+            self.rows = torch.arange(len(task.train))
+            self.targets = torch.tensor([example.target for example in task.train])
+        else:
+            weights = torch.as_tensor(task.train_counts, dtype=torch.float64)
+            size = max(len(weights), math.ceil(float(weights.sum())))
+            generator = torch.Generator().manual_seed(seed)
+            self.targets = torch.multinomial(weights, size, replacement=True, generator=generator)
+            self.rows = torch.zeros_like(self.targets)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"rows": self.rows[i], "targets": self.targets[i]}
+
+
+def _collate(features):
+    return {name: torch.stack([f[name] for f in features]) for name in ("rows", "targets")}
+
+
+def _output_head(model, full_head):
+    """(the model's flowkern.head.LinearHead, None) for the restricted head, or (None, why not)."""
+    if full_head:
+        return None, "full_head"
+    try:
+        return linear_head(model), None
+    except ValueError as error:
+        return None, str(error)

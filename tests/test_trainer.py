@@ -1,0 +1,406 @@
+"""FlowerTrainer and `python -m flowkern.train`: smoke runs, the two heads, resume after a kill
+at any point, 2-process runs, domains and prompts, the command line's errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowkern import checkpoints
+from flowkern.data import DataError, load_task
+from flowkern.tokenizer import QwenTokenizer
+from flowkern.train import main
+from tests.strategies import TITLES, write_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer Qwen2 with a byte-level tokenizer (every byte one token, so "\\n" is one),
+    saved with save_pretrained: what `--model DIR` loads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    directory = str(tmp_path_factory.mktemp("tiny-model"))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>", pad_token="<|end|>")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def common(tiny_model, data, out):
+    return ["--model", tiny_model, "--lora-r", "0", "--data", data, "--batch-size", "4", "--eval-limit", "4",
+            "--eval-samples", "64", "--out", out, "--logging_steps", "1", "--disable_tqdm", "True"]
+
+
+def run(tmp_path, tiny_model, data, name, *extra):
+    out = str(tmp_path / name)
+    main(common(tiny_model, data, out) + ["--max-steps", "4", *extra])
+    return out
+
+
+def history_free_file(tmp_path):
+    path = tmp_path / "counts.json"
+    path.write_text(json.dumps(dict(zip(TITLES, [40, 30, 10, 10, 6, 4]))))
+    return str(path)
+
+
+def records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_records(out):
+    return [r for r in records(out) if "loss" in r]
+
+
+def read(out, name):
+    with open(os.path.join(out, name)) as f:
+        return json.load(f)
+
+
+# ---- smoke runs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["history", "history_free"])
+@pytest.mark.parametrize("objective", ["flower", "sft"])
+def test_smoke_run_writes_every_artefact(tmp_path, tiny_model, mode, objective):
+    data = write_dataset(str(tmp_path / "data")) if mode == "history" else history_free_file(tmp_path)
+    out = run(tmp_path, tiny_model, data, "run", "--objective", objective, "--rollouts", "2", "--eval-every", "2")
+    expected = {"run_config.json", "metrics.jsonl", "final.json", "checkpoint-4", "model.safetensors"}
+    expected |= {"predictions.jsonl", "popularity.png"} if mode == "history" else {"samples.json", "titles.png"}
+    assert expected <= set(os.listdir(out))
+    assert checkpoints.is_complete(os.path.join(out, "checkpoint-4"))
+    default_weight = {"flower": 0.01 if mode == "history" else 0.9, "sft": 0.0}[objective]
+    assert read(out, "run_config.json")["config"]["gfn_weight"] == default_weight
+    final = read(out, "final.json")
+    assert set(final["before"]) == set(final["after"])
+    train = train_records(out)
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all((r["subtb"] > 0) == (objective == "flower") for r in train)
+    assert all(r["loss"] == pytest.approx((1 - default_weight) * r["sft"] + default_weight * r["subtb"], rel=1e-5)
+               for r in train)
+    split = "test" if mode == "history" else "all"
+    evaluations = [r for r in records(out) if any(k.startswith("eval_") for k in r)]
+    assert [r["step"] for r in evaluations] == [2, 4]  # --eval-every 2, on valid
+    assert [r["step"] for r in records(out) if f"{split}_rows" in r or f"{split}_samples" in r] == [0, 4]
+    if mode == "history":
+        with open(os.path.join(out, "predictions.jsonl")) as f:
+            predictions = [json.loads(line) for line in f]
+        assert len(predictions) == 4 and all(len(p["titles"]) == len(TITLES) for p in predictions)
+        assert {"NDCG@5", "NDCG@10", "HR@5", "HR@10", "DGU@10", "MGU@10", "H", "TTR"} <= set(final["after"])
+    else:
+        assert sum(read(out, "samples.json").values()) == 64
+        assert {"exact JS", "sampled JS", "sampled KL(target||model)"} <= set(final["after"])
+
+
+def test_final_evaluation_is_on_test_and_periodic_on_valid(tmp_path, tiny_model):
+    """The before/after evaluation reads test.csv's rows, the periodic one valid.csv's."""
+    data = write_dataset(str(tmp_path / "data"))
+    out = run(tmp_path, tiny_model, data, "splits", "--eval-every", "2", "--max-steps", "3")
+    task = load_task(data, QwenTokenizer())
+    with open(os.path.join(out, "predictions.jsonl")) as f:
+        targets = [json.loads(line)["target_id"] for line in f]
+    assert targets == [example.target for example in task.test[:4]]
+    assert targets != [example.target for example in task.valid[:4]]
+
+
+@pytest.mark.parametrize("mode", ["history", "history_free"])
+def test_restricted_head_trains_like_the_full_head(tmp_path, tiny_model, mode):
+    """The default (restricted head) and --full-head draw the same rollouts, give the same
+    losses and metrics to float32 rounding, and end with the same weights."""
+    data = write_dataset(str(tmp_path / "data")) if mode == "history" else history_free_file(tmp_path)
+    outs = [run(tmp_path, tiny_model, data, name, "--max-steps", "3", *flags)
+            for name, flags in (("restricted", []), ("full", ["--full-head", "True"]))]
+    configs = [read(out, "run_config.json") for out in outs]
+    assert configs[0]["restricted_head"] and configs[0]["full_head_because"] is None
+    assert not configs[1]["restricted_head"] and configs[1]["full_head_because"] == "full_head"
+    for got, want in zip(*(train_records(out) for out in outs)):
+        for name in ("sft", "subtb", "loss"):
+            assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-6)
+    finals = [read(out, "final.json")["after"] for out in outs]
+    for name, value in finals[1].items():
+        if isinstance(value, float):
+            assert finals[0][name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
+    weights = [load_file(os.path.join(out, "model.safetensors")) for out in outs]
+    for name in weights[1]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_restricted_sft_normalises_over_the_trie_children(tmp_path, tiny_model):
+    data = write_dataset(str(tmp_path / "data"))
+    sft = {}
+    for name, flags in (("full", []), ("trie", ["--sft-normalize", "trie"]),
+                        ("trie-full-head", ["--sft-normalize", "trie", "--full-head", "True"])):
+        out = run(tmp_path, tiny_model, data, name, "--objective", "sft", "--max-steps", "1", *flags)
+        sft[name] = train_records(out)[0]["sft"]
+    assert 0 < sft["trie"] < sft["full"]
+    assert sft["trie"] == pytest.approx(sft["trie-full-head"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["div", "add"])
+def test_preference_scores(tmp_path, tiny_model, mode):
+    data = write_dataset(str(tmp_path / "data"))
+    scores = np.random.default_rng(0).normal(size=(12, len(TITLES)))
+    scores[3] = 1.0  # a row without spread: every preference 1
+    np.save(tmp_path / "prefs.npy", scores)
+    out = run(tmp_path, tiny_model, data, "prefs", "--pref-scores", str(tmp_path / "prefs.npy"), "--pref-mode", mode)
+    assert all(r["subtb"] > 0 for r in train_records(out))
+    np.save(tmp_path / "wrong.npy", scores[:5])
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, tiny_model, data, "wrong", "--pref-scores", str(tmp_path / "wrong.npy"))
+    assert exit_info.value.code == 2
+
+
+def test_lora_on_a_local_model(tmp_path, tiny_model):
+    out = run(tmp_path, tiny_model, history_free_file(tmp_path), "lora", "--lora-r", "4")
+    assert "adapter_model.safetensors" in os.listdir(os.path.join(out, "checkpoint-4"))
+
+
+def test_tensorboard_offline(tmp_path, tiny_model):
+    out = run(tmp_path, tiny_model, history_free_file(tmp_path), "tb", "--report_to", "tensorboard", "--max-steps", "2")
+    assert any(name.startswith("events.out.tfevents") for _, _, names in os.walk(out) for name in names)
+
+
+# ---- resume ------------------------------------------------------------------------------------
+
+def weights_of(directory):
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model):
+    """An uninterrupted 4-step run with a checkpoint every 2 steps, all kept."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    data = write_dataset(str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    main(common(tiny_model, data, out) + ["--max-steps", "4", "--save-every", "2", "--save_total_limit", "4"])
+    return data, out
+
+
+def resume_from(tmp_path, tiny_model, straight, damage, *extra):
+    """Copy the straight run as it was after step 2 (plus `damage`: what a kill left behind),
+    resume it to step 4 and return the new run directory."""
+    data, out = straight
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    shutil.copy(os.path.join(out, "before.json"), resumed)
+    damage(out, resumed)
+    main(common(tiny_model, data, resumed) + ["--max-steps", "4", "--save-every", "2", "--resume", *extra])
+    return resumed
+
+
+def partial_save(out, resumed):
+    """Killed while writing checkpoint-4: some of its files, no manifest."""
+    os.makedirs(os.path.join(resumed, "checkpoint-4"))
+    shutil.copy(os.path.join(out, "checkpoint-4", "model.safetensors"), os.path.join(resumed, "checkpoint-4"))
+
+
+def partial_rotation(out, resumed):
+    """Killed while deleting an old checkpoint: a manifest whose files are partly gone, newer
+    than the complete checkpoint-2."""
+    shutil.copytree(os.path.join(out, "checkpoint-4"), os.path.join(resumed, "checkpoint-4"))
+    os.remove(os.path.join(resumed, "checkpoint-4", "optimizer.pt"))
+
+
+def partial_manifest(out, resumed):
+    """Killed between writing the manifest's temporary file and renaming it."""
+    shutil.copytree(os.path.join(out, "checkpoint-4"), os.path.join(resumed, "checkpoint-4"))
+    os.rename(os.path.join(resumed, "checkpoint-4", checkpoints.MANIFEST),
+              os.path.join(resumed, "checkpoint-4", checkpoints.MANIFEST + ".tmp"))
+
+
+@pytest.mark.parametrize("damage", [lambda out, resumed: None, partial_save, partial_rotation, partial_manifest],
+                         ids=["clean", "kill-during-save", "kill-during-rotation", "kill-before-rename"])
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiny_model, straight, damage):
+    resumed = resume_from(tmp_path, tiny_model, straight, damage)
+    assert_same_weights(weights_of(resumed), weights_of(straight[1]))
+    assert_same_weights(weights_of(os.path.join(resumed, "checkpoint-4")),
+                        weights_of(os.path.join(straight[1], "checkpoint-4")))
+    assert [r["loss"] for r in train_records(resumed)] == [r["loss"] for r in train_records(straight[1])][2:]
+    assert read(resumed, "final.json")["after"] == read(straight[1], "final.json")["after"]
+
+
+def test_resume_that_changes_the_run_is_refused(tmp_path, tiny_model, straight, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        resume_from(tmp_path, tiny_model, straight, lambda out, resumed: None, "--lr", "1e-2", "--batch-size", "2")
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("python -m flowkern.train: error: resume from")
+    assert "refused" in errors[0] and "learning_rate 0.0001 -> 0.01" in errors[0] and "batch_size 4 -> 2" in errors[0]
+
+
+def test_a_real_kill_minus_nine_then_resume(tmp_path, tiny_model, straight):
+    """SIGKILL the command line at a random point of a run that saves every step, then
+    --resume: the final weights equal the uninterrupted run's."""
+    data, out = straight
+    killed = str(tmp_path / "killed")
+    command = [sys.executable, "-m", "flowkern.train", *common(tiny_model, data, killed), "--max-steps", "4",
+               "--save-every", "1", "--save_total_limit", "1"]
+    env = {**os.environ, "PYTHONPATH": ROOT}  # the same threads as this process: the same float sums
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):  # until a checkpoint exists, then a little more
+        if checkpoints.last_complete(killed) is not None:
+            break
+        if process.poll() is not None:
+            break
+        subprocess.run(["sleep", "0.1"])
+    subprocess.run(["sleep", str(np.random.default_rng().uniform(0, 1.5))])
+    process.kill()
+    process.wait()
+    main(common(tiny_model, data, killed) + ["--max-steps", "4", "--save-every", "1", "--save_total_limit", "1",
+                                             "--resume"])
+    assert_same_weights(weights_of(killed), weights_of(out))
+
+
+# ---- several processes --------------------------------------------------------------------------
+
+WORKER = """
+import json, os, sys, hashlib
+from flowkern.train import run
+trainer = run(sys.argv[2:])
+weights = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in trainer.model.parameters())).hexdigest()
+losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+with open(os.path.join(sys.argv[1], f"rank{trainer.args.process_index}.json"), "w") as f:
+    json.dump({"weights": weights, "losses": losses}, f)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes(tmp_path, tiny_model, launcher):
+    """Both processes see the same logged losses (means over the processes) and end with the
+    same weights; evaluation rows are split across them and gathered."""
+    data = write_dataset(str(tmp_path / "data"))
+    out = str(tmp_path / launcher)
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    os.makedirs(out)
+    start = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29517"],
+             # accelerate's --cpu launches one process (several need MPI); --multi_gpu starts them
+             # through torch.distributed.run, and without CUDA FlowerConfig sets use_cpu (gloo)
+             "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                            "--main_process_port", "29518"]}[launcher]
+    command = [*start, str(worker), out, *common(tiny_model, data, out), "--eval-limit", "5",
+               "--gradient_accumulation_steps", "2", "--batch-size", "2", "--max-steps", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [read(out, f"rank{r}.json") for r in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]["losses"]) == 3
+    assert read(out, "final.json")["after"]["rows"] == 5
+    assert read(out, "run_config.json")["world_size"] == 2
+
+
+# ---- domains and prompts ----------------------------------------------------------------------------
+
+def prompt_of(task, tokenizer=None):
+    return (tokenizer or QwenTokenizer()).decode(task.train[0].prompt)
+
+
+def test_prompts_follow_the_domain(tmp_path):
+    tokenizer = QwenTokenizer()
+    movies = load_task("movies", tokenizer)
+    assert prompt_of(movies).startswith("### Instruction:\nThe user has watched the movies below, oldest first. "
+                                        "Recommend the next movie the user will watch.\n\n### Input:\n\"")
+    games = write_dataset(str(tmp_path / "Video_Games"))
+    assert "played the video games below" in prompt_of(load_task(games, tokenizer))
+    plain = write_dataset(str(tmp_path / "catalogue"))
+    assert "interacted with the items below" in prompt_of(load_task(plain, tokenizer))
+    (tmp_path / "catalogue" / "meta.json").write_text(json.dumps({"category": "Books"}))
+    assert "Recommend the next book the user will read" in prompt_of(load_task(plain, tokenizer))
+    assert "the next album" in prompt_of(load_task(plain, tokenizer, item_noun="album"))
+    assert prompt_of(load_task(None, tokenizer)) == "### Instruction:\nRecommend a movie.\n\n### Response:\n"
+    assert "Recommend an item." in prompt_of(load_task(history_free_file(tmp_path), tokenizer))
+
+
+def test_prompt_template_max_history_and_chat_template(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from flowkern.tokenizer import HFTokenizer
+
+    tokenizer = QwenTokenizer()
+    data = write_dataset(str(tmp_path / "data"))
+    template = tmp_path / "prompt.txt"
+    template.write_text("Seen {items}: {history}. Next {item}:")
+    task = load_task(data, tokenizer, prompt_template=str(template), max_history=1)
+    with open(os.path.join(data, "train.csv")) as f:
+        last = eval(f.read().splitlines()[1].split('"')[1])[-1]
+    assert prompt_of(task) == f'Seen items: "{TITLES[last]}". Next item:'
+    template.write_text("{user} {history}")
+    with pytest.raises(DataError, match=r"prompt.txt: placeholders must be among .* got \['history', 'user'\]"):
+        load_task(data, tokenizer, prompt_template=str(template))
+    chat = load_task(data, HFTokenizer(AutoTokenizer.from_pretrained(tiny_model)), chat_template=True)
+    assert prompt_of(chat, HFTokenizer(AutoTokenizer.from_pretrained(tiny_model))).startswith("<user>### Instruction")
+    with pytest.raises(DataError, match="has no chat template"):
+        load_task(data, tokenizer, chat_template=True)
+
+
+# ---- the command line's errors -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--gfn-weight", "abc"], "argument --gfn_weight/--gfn-weight: invalid float value: 'abc'"),
+    (["--gfn-weight", "1.5"], "gfn_weight must lie in [0, 1], got 1.5"),
+    (["--rollout-temperature", "2", "1"], "rollout_temperature needs MIN MAX with 0 < MIN <= MAX"),
+    (["--batch-size", "0"], "per_device_train_batch_size must be >= 1"),
+    (["--objective", "sft", "--gfn-weight", "0.5"], "--objective sft trains with w = 0; --gfn-weight 0.5"),
+    (["--pref-scores", "README.md"], "--pref-scores personalises rewards per training row: it needs a data set"),
+    (["--data", "nowhere/at/all"], "--data nowhere/at/all: no such file or directory"),
+    (["--model", "nowhere/model"], "--model nowhere/model: no such file or directory"),
+    (["--config", "missing.yaml"], "--config missing.yaml: cannot read it"),
+])
+def test_command_line_errors_are_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error, error
+
+
+def test_config_files(tmp_path, tiny_model, capsys):
+    data = write_dataset(str(tmp_path / "data"))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {data}\nmodel: {tiny_model}\nlora_r: 0\nmax_steps: 1\nper_device_train_batch_size: 2\n"
+                      f"eval_limit: 2\noutput_dir: {tmp_path / 'out'}\nrollout_temperature: [1.0, 2.0]\n")
+    main(["--config", str(config), "--gfn-weight", "0.5"])
+    saved = read(str(tmp_path / "out"), "run_config.json")["config"]
+    assert saved["gfn_weight"] == 0.5 and saved["per_device_train_batch_size"] == 2
+    assert saved["rollout_temperature"] == [1.0, 2.0]
+    config.write_text("gfn_wieght: 0.5\n")
+    with pytest.raises(SystemExit):
+        main(["--config", str(config)])
+    assert "unknown field 'gfn_wieght'" in capsys.readouterr().err
+    config.write_text("gfn_weight: many\n")
+    with pytest.raises(SystemExit):
+        main(["--config", str(config)])
+    assert "invalid float value: 'many'" in capsys.readouterr().err
+
+
+def test_help_shows_each_default_once():
+    result = subprocess.run([sys.executable, "-m", "flowkern.train", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT}, check=True)
+    assert "--gfn_weight GFN_WEIGHT, --gfn-weight GFN_WEIGHT" in result.stdout
+    assert "(alias --out)" in result.stdout and "(default: runs/default)" in result.stdout
+    assert result.stdout.count("(default: runs/default)") == 1

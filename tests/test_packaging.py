@@ -1,5 +1,6 @@
 """What `pip install .` (not editable) ships, and how an installed flowkern finds its extension."""
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import flowkern
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,3 +37,18 @@ def test_a_copy_of_the_sources_without_the_extension_finds_the_installed_one(tmp
     run = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str(tmp_path / "flowkern" / "__init__.py")  # the copy was the one imported
+
+
+def test_the_version_is_written_once():
+    project = pyproject()
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "flowkern.__version__"}
+    assert importlib.metadata.version("flowkern") == flowkern.__version__
+
+
+def test_the_license_file_is_the_declared_license_and_ships():
+    project = pyproject()["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "END OF TERMS AND CONDITIONS" in text

@@ -345,7 +345,7 @@ py::dict walk(const Int64Array& offsets, const Int32Array& edge_tokens, const Fl
 
 }  // namespace
 
-PYBIND11_MODULE(_trie, m) {
+PYBIND11_MODULE(_flowkern_trie, m) {
   m.doc() = "CSR prefix-trie builder for flowkern (see flowkern.Trie).";
   m.def("build_ragged", &build_ragged, py::arg("tokens"), py::arg("offsets"), py::arg("rewards"),
         py::arg("eos_token_id"),

@@ -26,8 +26,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from flowkern import _trie
 from flowkern._checks import check_token_tensor
+
+try:  # top-level, so that any copy of these sources finds the installed build (setup.py)
+    import _flowkern_trie as _trie
+except ModuleNotFoundError as error:
+    if error.name != "_flowkern_trie":
+        raise
+    raise ImportError("flowkern's C++ extension _flowkern_trie is not built: install flowkern with "
+                      "`pip install .` (or `pip install -e .`), or run `python setup.py build_ext --inplace` "
+                      "in its source tree") from None
 
 FORMAT_VERSION = 1
 _ARRAYS = {  # name -> dtype, as stored and as held on any device

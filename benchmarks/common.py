@@ -124,6 +124,7 @@ def flower_trainer(model, task, **options):
                           report_to=["none"], disable_tqdm=True, **options)
     trainer = FlowerTrainer(model, config, task)
     trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train, which these steps bypass
     trainer.batches = iter(trainer.get_train_dataloader())
     return trainer
 

@@ -9,6 +9,7 @@ import pytest
 
 from flowkern import metrics
 from flowkern.data import DataError, load_task
+from flowkern.models import load_model
 from flowkern.tokenizer import QwenTokenizer
 from tests.strategies import MOVIES, write_dataset
 

@@ -7,8 +7,8 @@
            `rollouts` per prompt, each at a temperature drawn from `rollout_temperature`
 
 `compute_loss` holds only that.  The optimiser, schedule and warmup, clipping, gradient
-accumulation, mixed precision, distributed training (accelerate: DDP; FSDP and DeepSpeed
-with `full_head=True`), checkpointing, `resume_from_checkpoint`, `report_to` and callbacks
+accumulation, mixed precision, distributed training (accelerate: DDP, DeepSpeed ZeRO-2;
+not FSDP or ZeRO-3, see __init__), checkpointing, `resume_from_checkpoint`, `report_to` and callbacks
 are the Trainer's.  `evaluate` computes the paper's metrics instead of a loss: with
 history, top-10 trie-constrained beam search → NDCG@5/10, HR@5/10, DGU@10, MGU@10, H, TTR;
 history-free, the exact title distribution (KL both ways, JS) and a sampled one.
@@ -59,7 +59,7 @@ class FlowerConfig(TrainingArguments):
         "help": "SFT cross-entropy over the full vocabulary (BIGRec) or over the trie children"})
     full_head: bool = field(default=False, metadata={
         "help": "compute all V logits (default: only those needed, from the body's hidden states, when the "
-                "output layer is a plain Linear; FSDP and DeepSpeed need full_head)"})
+                "output layer is a plain Linear)"})
     eval_limit: Optional[int] = field(default=None, metadata={
         "help": "with history: evaluate on the first N rows of a split (default: all)"})
     eval_samples: int = field(default=10_000, metadata={"help": "history-free: samples drawn to evaluate"})
@@ -126,6 +126,11 @@ class FlowerTrainer(Trainer):
         evaluation_rows = task.valid[:args.eval_limit] if task.mode == "history" else task.train
         super().__init__(model=model, args=args, train_dataset=_TrainRows(task, args.seed),
                          eval_dataset=evaluation_rows, data_collator=_collate, **kwargs)
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_fsdp_enabled or getattr(plugin, "zero_stage", 0) == 3:
+            raise ValueError("FSDP and DeepSpeed ZeRO-3 shard the parameters, so every forward is a collective, "
+                             "while rollouts and beam search decode a data-dependent number of steps on each "
+                             "process: not supported; use DDP or DeepSpeed ZeRO-2")
         self.trie = task.trie().to(self.args.device)
         self.keep_logits = "logits_to_keep" in forward_parameters(model)
         self.evaluation = {}  # the last evaluation's full result (lists included), for the artefacts

@@ -288,6 +288,8 @@ class _Decoder:
         self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.cache = _new_cache()
+        self.prompt = torch.arange(input_ids.shape[0], device=self.device)  # each row's prompt
+        self.prompt_width = input_ids.shape[1]
         self.positions = self.attention_mask.sum(1)
         self.state = self._run(input_ids, (self.attention_mask.cumsum(1) - 1).clamp(min=0))
         vocab = self.state.shape[-1] if self.head is None else self.head.weight.shape[0]
@@ -307,7 +309,17 @@ class _Decoder:
         self.select(torch.arange(self.state.shape[0], device=self.device).repeat_interleave(times))
 
     def select(self, rows: torch.Tensor) -> None:
-        self.cache.reorder_cache(rows)
+        """Row i becomes row rows[i].  Where every row keeps its prompt (a beam search step), the
+        cache's prompt columns, alike in the rows of a prompt, stay and only the generated ones
+        move (in place; transformers ≥ 4.56 keeps a cache layer's keys and values in tensors)."""
+        prompt = self.prompt[rows]
+        layers = getattr(self.cache, "layers", None)
+        if layers is not None and torch.equal(prompt, self.prompt):
+            for cached in (tensor for layer in layers for tensor in (layer.keys, layer.values)):
+                cached[:, :, self.prompt_width:] = cached[rows, :, self.prompt_width:]
+        else:
+            self.cache.reorder_cache(rows)
+        self.prompt = prompt
         self.attention_mask, self.positions, self.state = (
             self.attention_mask[rows], self.positions[rows], self.state[rows])
 

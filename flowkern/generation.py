@@ -148,23 +148,26 @@ class Recommendations(NamedTuple):
 
 @torch.no_grad()
 def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional[int] = None, titles=None,
-              length_normalize: bool = False, temperature: float = 1.0,
-              restricted_head=False) -> Recommendations:
+              length_normalize: bool = False, temperature: float = 1.0, restricted_head=False,
+              batch_size: Optional[int] = None) -> Recommendations:
     """The K best distinct items for each prompt by beam search under the trie-constrained
     policy, ranked by sequence log-probability Σ_t log π_t (termination token included).
 
     num_beams:        partial titles kept per prompt and step (default k).  Every completed
-                      item is kept, and the search stops once no partial title can beat the
-                      K-th completed one, so with num_beams ≥ the number of items the result
-                      is the exact top-K.
+                      item is kept, and a prompt's search stops once none of its partial titles
+                      can beat its K-th completed one (log π ≤ 0: a title only loses score as it
+                      grows), so with num_beams ≥ the number of items the result is the exact top-K.
     length_normalize: rank by log-probability per token instead (D3 found this hurts
                       recommendation, so it is off by default); scores stay unnormalised.
     titles:           a sequence of item titles indexed by item id, to return them too.
     temperature:      the children's logits are divided by it (the "Temp" baseline); scores are
                       then log-probabilities of that tempered policy.
     restricted_head:  as for `sample`.
+    batch_size:       prompts searched together, their beams one batch of the model (default:
+                      all).  The prompts are sorted by length first, so that a batch pads little;
+                      the results come back in the order of `prompt_ids`.
     """
-    decoder = _Decoder(model, prompt_ids, trie, restricted_head)
+    _device(model, trie)
     check_count("k", k)
     check_number("temperature", temperature, positive=True)
     if k > trie.num_items:
@@ -173,41 +176,70 @@ def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional
     check_count("num_beams", beams)
     if titles is not None and len(titles) != trie.num_items:
         raise ValueError(f"titles must hold one title per item ({trie.num_items}), got {len(titles)}")
-    prompts, device, eos = decoder.batch, decoder.device, trie.eos_token_id
-    decoder.repeat(beams)
-    score = torch.full((prompts, beams), float("-inf"), device=device)
-    score[:, 0] = 0.0  # the beams start identical: expand only one of them
-    node = torch.zeros(prompts * beams, dtype=torch.long, device=device)
-    best_key = torch.full((prompts, k), float("-inf"), device=device)  # the K best completed items so far
+    if batch_size is not None:
+        check_count("batch_size", batch_size)
+    prompts = _prompt_rows(prompt_ids)
+    batches = _length_batches(prompts, batch_size)
+    restricted_head = _linear_head(model, restricted_head)
+    found = [_beam_search(_Decoder(model, [prompts[i] for i in batch], trie, restricted_head), k, beams,
+                          length_normalize, temperature) for batch in batches]
+    inverse = torch.tensor([i for batch in batches for i in batch]).argsort().to(found[0][0].device)
+    key, score, leaf = (torch.cat(parts)[inverse] for parts in zip(*found))
+    items = torch.where(key > float("-inf"), trie.leaf_item(leaf), -1)
+    names = None if titles is None else [[titles[i] for i in row if i >= 0] for row in items.tolist()]
+    return Recommendations(items, torch.where(key > float("-inf"), score, float("-inf")), names)
+
+
+def _length_batches(prompts, batch_size):
+    """Indices of the prompts, longest first, in batches of `batch_size` (one batch if None)."""
+    order = sorted(range(len(prompts)), key=lambda i: -prompts[i].numel())
+    size = len(prompts) if batch_size is None else batch_size
+    return [order[start:start + size] for start in range(0, len(order), size)]
+
+
+def _beam_search(decoder, k, beams, length_normalize, temperature):
+    """(key, score, leaf), each (P, K): the K best completed items of each of the decoder's
+    prompts by ranking key, their log-probabilities and leaf nodes (key −inf where fewer).
+
+    Each prompt starts as one beam (its prefilled state) and keeps at most `beams`; a prompt
+    leaves the model's batch once its search is over, a beam with no candidate left waits at a
+    leaf (no children, so it widens no row of children)."""
+    trie, device, eos = decoder.trie, decoder.device, decoder.trie.eos_token_id
+    prompts = decoder.batch
+    parked = trie.leaf_nodes[0].long().to(device)
+    best_key = torch.full((prompts, k), float("-inf"), device=device)
     best_score = best_key.clone()
     best_leaf = torch.zeros(prompts, k, dtype=torch.long, device=device)
+    active = torch.arange(prompts, device=device)  # the prompts still searching, in the decoder's order
+    score = torch.zeros(prompts, 1, device=device)  # (active, beams so far)
+    node = torch.zeros(prompts, dtype=torch.long, device=device)
     for t in range(trie.depth):
         children = decoder.children(node)
         width = children.tokens.shape[1]
-        candidate = (score.view(-1, 1) + torch.log_softmax(children.logits.float() / temperature, -1)).view(prompts, -1)
-        ends = (children.tokens == eos).view(prompts, -1)
+        live, held = score.shape
+        policy = torch.log_softmax(children.logits.float() / temperature, -1)  # NaN in a parked beam's row
+        candidate = torch.where(score.view(-1, 1) > float("-inf"), score.view(-1, 1) + policy, float("-inf"))
+        candidate = candidate.view(live, -1)
+        ends = (children.tokens == eos).view(live, -1)
         completed = torch.where(ends, candidate, float("-inf"))
         key = completed / (t + 1) if length_normalize else completed
-        best_key, order = torch.cat([best_key, key], 1).topk(k, dim=1)
-        best_score = torch.cat([best_score, completed], 1).gather(1, order)
-        best_leaf = torch.cat([best_leaf, children.nodes.view(prompts, -1)], 1).gather(1, order)
+        top_key, order = torch.cat([best_key[active], key], 1).topk(k, dim=1)
+        best_score[active] = torch.cat([best_score[active], completed], 1).gather(1, order)
+        best_leaf[active] = torch.cat([best_leaf[active], children.nodes.view(live, -1)], 1).gather(1, order)
+        best_key[active] = top_key
 
         score, pick = torch.where(ends, float("-inf"), candidate).topk(min(beams, candidate.shape[1]), dim=1)
-        if score.shape[1] < beams:
-            score = torch.cat([score, score.new_full((prompts, beams - score.shape[1]), float("-inf"))], 1)
-            pick = torch.cat([pick, pick.new_zeros((prompts, beams - pick.shape[1]))], 1)
-        beaten = score[:, 0] <= (best_key[:, -1] if not length_normalize else float("-inf"))
-        if bool((beaten | (score[:, 0] == float("-inf"))).all()):
+        searching = score[:, 0] > (float("-inf") if length_normalize else top_key[:, -1])
+        if not bool(searching.any()):
             break
-        source = (torch.arange(prompts, device=device)[:, None] * beams + pick // width).view(-1)
+        kept = searching.nonzero()[:, 0]
+        active, score, pick = active[kept], score[kept], pick[kept]
+        source = (kept[:, None] * held + pick // width).view(-1)
         flat = source * width + (pick % width).view(-1)
-        node = torch.where(score.view(-1) > float("-inf"), children.nodes.view(-1)[flat], 0)  # dead beams: root
+        node = torch.where(score.view(-1) > float("-inf"), children.nodes.view(-1)[flat], parked)
         decoder.select(source)
         decoder.step(children.tokens.view(-1)[flat])
-    found = best_key > float("-inf")
-    items = torch.where(found, trie.leaf_item(best_leaf), -1)
-    names = None if titles is None else [[titles[i] for i in row if i >= 0] for row in items.tolist()]
-    return Recommendations(items, torch.where(found, best_score, float("-inf")), names)
+    return best_key, best_score, best_leaf
 
 
 class TrieLogitsProcessor(LogitsProcessor):
@@ -223,8 +255,7 @@ class TrieLogitsProcessor(LogitsProcessor):
     finished an item may only repeat the termination token (or `pad_token_id`)."""
 
     def __init__(self, trie: Trie, prompt_length: int, pad_token_id: Optional[int] = None):
-        if not isinstance(trie, Trie):
-            raise TypeError(f"trie must be a flowkern.Trie, got {type(trie).__name__}")
+        _check_trie(trie)
         check_count("prompt_length", prompt_length)
         self.trie, self.prompt_length, self.pad_token_id = trie, prompt_length, pad_token_id
 
@@ -247,14 +278,9 @@ class _Decoder:
     the children's logits at each row's node and `step` appends one token per row."""
 
     def __init__(self, model, prompt_ids, trie, restricted_head):
-        if not isinstance(trie, Trie):
-            raise TypeError(f"trie must be a flowkern.Trie, got {type(trie).__name__}")
         self.trie = trie
-        self.device = _model_device(model)
-        if trie.device != self.device:
-            raise ValueError(f"trie is on {trie.device} but the model is on {self.device}: use trie.to({self.device!r})")
-        self.head = restricted_head if isinstance(restricted_head, head.LinearHead) else (
-            head.linear_head(model) if restricted_head else None)
+        self.device = _device(model, trie)
+        self.head = _linear_head(model, restricted_head)
         self.runner = model if self.head is None else self.head.body
         input_ids, self.attention_mask = _left_pad(prompt_ids, self.device)
         self.batch = input_ids.shape[0]
@@ -262,6 +288,8 @@ class _Decoder:
         self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.cache = _new_cache()
+        self.prompt = torch.arange(input_ids.shape[0], device=self.device)  # each row's prompt
+        self.prompt_width = input_ids.shape[1]
         self.positions = self.attention_mask.sum(1)
         self.state = self._run(input_ids, (self.attention_mask.cumsum(1) - 1).clamp(min=0))
         vocab = self.state.shape[-1] if self.head is None else self.head.weight.shape[0]
@@ -281,7 +309,17 @@ class _Decoder:
         self.select(torch.arange(self.state.shape[0], device=self.device).repeat_interleave(times))
 
     def select(self, rows: torch.Tensor) -> None:
-        self.cache.reorder_cache(rows)
+        """Row i becomes row rows[i].  Where every row keeps its prompt (a beam search step), the
+        cache's prompt columns, alike in the rows of a prompt, stay and only the generated ones
+        move (in place; transformers ≥ 4.56 keeps a cache layer's keys and values in tensors)."""
+        prompt = self.prompt[rows]
+        layers = getattr(self.cache, "layers", None)
+        if layers is not None and torch.equal(prompt, self.prompt):
+            for cached in (tensor for layer in layers for tensor in (layer.keys, layer.values)):
+                cached[:, :, self.prompt_width:] = cached[rows, :, self.prompt_width:]
+        else:
+            self.cache.reorder_cache(rows)
+        self.prompt = prompt
         self.attention_mask, self.positions, self.state = (
             self.attention_mask[rows], self.positions[rows], self.state[rows])
 
@@ -302,25 +340,26 @@ def _new_cache():
     return DynamicCache()
 
 
-def _model_device(model) -> torch.device:
+def _linear_head(model, restricted_head) -> Optional[head.LinearHead]:
+    """restricted_head as given if it is a LinearHead, the model's own if True, else None."""
+    if isinstance(restricted_head, head.LinearHead):
+        return restricted_head
+    return head.linear_head(model) if restricted_head else None
+
+
+def _device(model, trie) -> torch.device:
+    """The model's device, which must be the trie's."""
+    _check_trie(trie)
     parameter = next(iter(model.parameters()), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    if trie.device != device:
+        raise ValueError(f"trie is on {trie.device} but the model is on {device}: use trie.to({device!r})")
+    return device
 
 
 def _left_pad(prompt_ids, device):
     """(input_ids, attention_mask), both (P, S), prompts aligned to the right."""
-    if isinstance(prompt_ids, torch.Tensor):
-        if prompt_ids.dim() != 2 or prompt_ids.dtype.is_floating_point or prompt_ids.shape[1] == 0:
-            raise ValueError(f"prompt_ids must be a (P, S) integer tensor with S >= 1 or a list of token-id "
-                             f"sequences, got {describe(prompt_ids)}")
-        prompts = prompt_ids.to(device, torch.long)
-        return prompts, torch.ones_like(prompts)
-    if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__") or len(prompt_ids) == 0:
-        raise ValueError(f"prompt_ids must be a non-empty list of token-id sequences or a (P, S) tensor, "
-                         f"got {describe(prompt_ids)}")
-    rows = [torch.as_tensor(p, dtype=torch.long).view(-1) for p in prompt_ids]
-    if any(row.numel() == 0 for row in rows):
-        raise ValueError("prompt_ids: every prompt needs at least one token")
+    rows = _prompt_rows(prompt_ids)
     width = max(row.numel() for row in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -328,6 +367,22 @@ def _left_pad(prompt_ids, device):
         input_ids[i, width - row.numel():] = row
         attention_mask[i, width - row.numel():] = 1
     return input_ids.to(device), attention_mask.to(device)
+
+
+def _prompt_rows(prompt_ids):
+    """The prompts, a list of token-id sequences or a (P, S) tensor, as P int64 vectors."""
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() != 2 or prompt_ids.dtype.is_floating_point or prompt_ids.shape[1] == 0:
+            raise ValueError(f"prompt_ids must be a (P, S) integer tensor with S >= 1 or a list of token-id "
+                             f"sequences, got {describe(prompt_ids)}")
+        return list(prompt_ids.long().cpu())
+    if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__") or len(prompt_ids) == 0:
+        raise ValueError(f"prompt_ids must be a non-empty list of token-id sequences or a (P, S) tensor, "
+                         f"got {describe(prompt_ids)}")
+    rows = [torch.as_tensor(p, dtype=torch.long).view(-1) for p in prompt_ids]
+    if any(row.numel() == 0 for row in rows):
+        raise ValueError("prompt_ids: every prompt needs at least one token")
+    return rows
 
 
 def _row_values(name, value, rows, device):
@@ -343,9 +398,13 @@ def _row_values(name, value, rows, device):
     return torch.full((rows,), float(value), device=device)
 
 
-def _check_step(logits, nodes, trie):
+def _check_trie(trie):
     if not isinstance(trie, Trie):
         raise TypeError(f"trie must be a flowkern.Trie, got {type(trie).__name__}")
+
+
+def _check_step(logits, nodes, trie):
+    _check_trie(trie)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"logits must be a (B, V) tensor, got {describe(logits)}")
     if not isinstance(nodes, torch.Tensor) or nodes.shape != logits.shape[:1] or nodes.dtype != torch.long:

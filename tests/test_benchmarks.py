@@ -32,3 +32,10 @@ def test_row_gradient_count_runs():
                           "movies"], capture_output=True,
                          text=True, check=True, timeout=600).stdout
     assert re.fullmatch(r"w = 0\.01: in [\d,]+ of the [\d,]+ output rows the SubTB term touches, .*\n", out)
+
+
+def test_recommend_benchmark_runs():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "bench_recommend.py"), "--quick"], capture_output=True,
+                         text=True, check=True, timeout=600).stdout
+    assert "| before (d5744dc): chunks of 8 |" in out and "| after: batch_size=8 |" in out
+    assert out.count("| 8/8 |") == 4  # every variant ranks as before

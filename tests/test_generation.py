@@ -1,6 +1,7 @@
 """Trie-constrained decoding: mask step, sampler, beam search, Hugging Face processor."""
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -10,8 +11,11 @@ from hypothesis import strategies as st
 from transformers import LogitsProcessorList
 
 import flowkern
+from flowkern.data import load_task
+from flowkern.head import linear_head
+from flowkern.models import load_model
 from reference.generation import isin_mask
-from tests.strategies import Catalogue, catalogues, tiny_qwen2
+from tests.strategies import DATA, Catalogue, catalogues, tiny_qwen2
 
 VOCAB = 40  # every catalogue below uses token ids < 13, so a 40-token model covers them
 CATALOGUE = Catalogue([[5, 6], [5], [7, 8, 9], [5, 6, 10], [7, 8, 9], [11]], [1.0, 2.0, 3.0, 4.0, 2.0, 6.0], eos=1)
@@ -157,13 +161,16 @@ def brute_force_top_k(model, prompt, trie, sequences, k):
 
 
 @settings(max_examples=25, deadline=None)
-@given(catalogue=catalogues(max_token=12), k=st.integers(1, 4), seed=st.integers(0, 3))
-def test_beam_search_with_enough_beams_is_the_exact_top_k(catalogue, k, seed):
+@given(catalogue=catalogues(max_token=12), k=st.integers(1, 4), seed=st.integers(0, 3),
+       batch_size=st.sampled_from([None, 1, 2]))
+def test_beam_search_with_enough_beams_is_the_exact_top_k(catalogue, k, seed, batch_size):
+    """Each prompt's search stops on its own, and prompts of different lengths are batched
+    (sorted by length) in any batch size: the exact top-K of each, in the prompts' order."""
     model = tiny_qwen2(VOCAB, seed)
     trie = catalogue.trie()
     k = min(k, trie.num_items)
-    prompts = [[3, 4], [9]]
-    got = flowkern.recommend(model, prompts, trie, k=k, num_beams=trie.num_items)
+    prompts = [[3, 4], [9], [20, 21, 22]]
+    got = flowkern.recommend(model, prompts, trie, k=k, num_beams=trie.num_items, batch_size=batch_size)
     for p, prompt in enumerate(prompts):
         items, scores = brute_force_top_k(model, prompt, trie, catalogue.sequences, k)
         assert got.items[p, : len(items)].tolist() == items
@@ -262,6 +269,22 @@ def test_restricted_head_recommends_what_the_full_head_recommends(name):
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-5)
 
 
+def test_batched_beam_search_ranks_real_prompts_as_one_prompt_at_a_time():
+    """The trainer's evaluation on Movies_and_TV test rows (prompts of 33 to 100 tokens, the
+    embedded model with the real vocabulary, restricted head, top-10 of 10 beams): batched
+    in any size, the rankings are those of each prompt searched alone, without padding."""
+    loaded = load_model(None, seed=0)
+    model = loaded.model.eval()
+    task = load_task(os.path.join(DATA, "amazon", "Movies_and_TV"), loaded.tokenizer)
+    trie, head = task.trie(), linear_head(model)
+    prompts = [example.prompt for example in task.test[:12]]
+    alone = [flowkern.recommend(model, [prompt], trie, k=10, num_beams=10, restricted_head=head) for prompt in prompts]
+    for batch_size in (None, 5):
+        got = flowkern.recommend(model, prompts, trie, k=10, num_beams=10, restricted_head=head, batch_size=batch_size)
+        assert torch.equal(got.items, torch.cat([a.items for a in alone]))
+        torch.testing.assert_close(got.scores, torch.cat([a.scores for a in alone]), rtol=1e-5, atol=1e-5)
+
+
 class SoftCapped(torch.nn.Module):
     """A causal LM whose logits are the output layer's, soft-capped (as Gemma 2's)."""
 
@@ -322,6 +345,8 @@ TRIE = CATALOGUE.trie()
     (lambda: flowkern.recommend(MODEL, [[3]], TRIE, k=-2), ValueError, "k must be a positive int, got -2"),
     (lambda: flowkern.recommend(MODEL, [[3]], TRIE, k=7), ValueError, r"k = 7 exceeds the number of items \(6\)"),
     (lambda: flowkern.recommend(MODEL, [[3]], TRIE, k=2, num_beams=0), ValueError, "num_beams must be a positive int"),
+    (lambda: flowkern.recommend(MODEL, [[3]], TRIE, k=2, batch_size=0), ValueError,
+     "batch_size must be a positive int, got 0"),
     (lambda: flowkern.recommend(MODEL, [[3]], TRIE, titles=["a"], k=2), ValueError,
      r"titles must hold one title per item \(6\), got 1"),
     (lambda: flowkern.recommend(MODEL, [[3]], TRIE.to("meta")), ValueError, "trie is on meta but the model is on cpu"),

@@ -266,12 +266,12 @@ class FlowerTrainer(Trainer):
         groups, p_train = task.popularity_groups()
         mine = list(range(args.process_index, len(examples), args.world_size))
         rows = []
-        for start in range(0, len(mine), args.per_device_eval_batch_size):
-            chunk = mine[start:start + args.per_device_eval_batch_size]
-            recs = flowkern.recommend(self.model, [examples[i].prompt for i in chunk], self.trie,
+        if mine:  # a process may have no rows when there are fewer than processes
+            recs = flowkern.recommend(self.model, [examples[i].prompt for i in mine], self.trie,
                                       k=min(10, len(task.titles)), num_beams=args.num_beams, titles=task.titles,
-                                      temperature=args.eval_temperature, restricted_head=self.head)
-            for i, items, scores, titles in zip(chunk, recs.items.tolist(), recs.scores.tolist(), recs.titles):
+                                      temperature=args.eval_temperature, restricted_head=self.head,
+                                      batch_size=args.per_device_eval_batch_size)
+            for i, items, scores, titles in zip(mine, recs.items.tolist(), recs.scores.tolist(), recs.titles):
                 target = examples[i].target
                 rows.append({"row": i, "target_id": target, "target_title": task.titles[target],
                              "items": items[:len(titles)], "titles": titles, "scores": scores[:len(titles)]})

@@ -10,6 +10,7 @@ history) or samples.json (history-free), a plot, checkpoints (checkpoint-N) and 
 weights.  `--resume` continues from the newest complete checkpoint.
 """
 
+import argparse
 import json
 import os
 import platform
@@ -124,14 +125,19 @@ def parse(argv):
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((ScriptArguments, FlowerConfig), prog="python -m flowkern.train",
-                              description=__doc__.split("\n\n")[0], allow_abbrev=False)
+                              description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=_Help)
     parser.add_argument("--config", help="a .yaml or .json file of any of these fields (flags override it)")
     for alias, dest in ALIASES.items():
         action = next(a for a in parser._actions if a.dest == dest)
         action.option_strings.append(alias)
         parser._option_string_actions[alias] = action
         action.help = f"{action.help} (alias {alias})" if action.help else f"alias {alias}"
-    parser.set_defaults(learning_rate=None)
+    parser.set_defaults(learning_rate=None)  # then by model: the help says which
+    for dest, text in (("learning_rate", f"AdamW learning rate. Default: {EMBEDDED_LR} for the embedded model, "
+                                         f"{PRETRAINED_LR} for pretrained ones"),
+                       ("max_steps", f"optimiser steps. Default: {HISTORY_FREE_STEPS} history-free; with history "
+                                     f"num_train_epochs over train.csv")):
+        next(a for a in parser._actions if a.dest == dest).help = text
     parser.error = _usage_error
     argv = list(argv)
     if "--config" in argv:
@@ -157,6 +163,16 @@ def parse(argv):
     except ValueError as error:
         raise UsageError(str(error).splitlines()[0]) from None
     return script, config
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default once: from its help text when that names it, else appended."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def _usage_error(message):

@@ -199,6 +199,8 @@ def test_build_rejects_bad_input(sequences, rewards, eos, error, message):
     ([1, 2, 3], [1, 3], ValueError, r"offsets\[0\] must be 0, got 1"),
     ([1, 2, 3], [0, 2, 1, 3], ValueError, r"offsets must be non-decreasing, but offsets\[2\] < offsets\[1\]"),
     ([1, 2, 3], [0, 3, 3], ValueError, r"tokens\[1\] is empty"),
+    ([5, 6, 7], [0, 100, 3], ValueError, r"offsets\[1\] = 100 is past the end of tokens \(3 tokens\)"),
+    ([5, 6, 7], [0, 2**40, 3], ValueError, r"offsets\[1\] = 1099511627776 is past the end of tokens"),
     ([1, 2**40], [0, 2], ValueError, r"tokens must fit in int32"),
     ([1.5, 2.0], [0, 2], TypeError, "tokens must be integers, got dtype float64"),
     ([[1, 2]], [0, 2], ValueError, r"tokens must be one-dimensional, got shape \(1, 2\)"),
@@ -243,3 +245,22 @@ def test_walk_rejects_bad_input(tokens, error, message):
     with pytest.raises(error, match=message):
         flowkern.Trie.build([[1, 2], [1]], eos_token_id=0).walk(tokens)
 
+
+
+def test_cpp_walk_checks_the_arrays_before_reading():
+    """The extension's walk on arrays that are not a trie's: an error, never a read out of bounds."""
+    trie = flowkern.Trie.build([[1, 2], [1]], eos_token_id=0)
+    offsets, tokens, log_flow = trie.offsets.numpy(), trie.tokens.numpy(), trie.log_flow.numpy()
+    rows = np.array([[1, 2, 0]])
+    cases = [
+        ((offsets * 100, tokens, log_flow), r"offsets\[0:2\] = \[0, 100\] is not a range of the 4 edges"),
+        ((offsets - 1, tokens, log_flow), r"offsets\[0:2\] = \[-1, 0\] is not a range of the 4 edges"),
+        ((np.array([0, 1, 7, 3, 4, 4]), tokens, log_flow), r"offsets\[1:3\] = \[1, 7\] is not a range"),
+        ((np.array([0, 1, 0, 3, 4, 4]), tokens, log_flow), r"offsets\[1:3\] = \[1, 0\] is not a range"),
+        ((offsets, tokens, log_flow[:2]), r"offsets must hold len\(log_flow\) \+ 1 = 3 entries, got 6"),
+        ((offsets, tokens[:2], log_flow), r"edge_tokens must hold len\(log_flow\) - 1 = 4 entries, got 2"),
+        ((offsets, tokens, log_flow[:0]), "log_flow must be one-dimensional and non-empty"),
+    ]
+    for (offsets_, tokens_, log_flow_), message in cases:
+        with pytest.raises(ValueError, match=message):
+            flowkern._trie.walk(offsets_, tokens_, log_flow_, 0, rows)

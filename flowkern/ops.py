@@ -232,8 +232,8 @@ def _pack(trie):
 
 def _unpack(arrays, ints, log_z):
     eos_token_id, max_token, max_degree, min_depth = ints
-    return Trie(*arrays, eos_token_id=eos_token_id, log_z=log_z, max_token=max_token, max_degree=max_degree,
-                min_depth=min_depth)
+    return Trie._unchecked(**dict(zip(_ARRAYS, arrays)), eos_token_id=eos_token_id, log_z=log_z,
+                           max_token=max_token, max_degree=max_degree, min_depth=min_depth)
 
 
 @torch.library.custom_op("flowkern::subtb_loss", mutates_args=())

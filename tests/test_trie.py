@@ -316,4 +316,4 @@ def test_cpp_walk_checks_the_arrays_before_reading():
     ]
     for (offsets_, tokens_, log_flow_), message in cases:
         with pytest.raises(ValueError, match=message):
-            flowkern._trie.walk(offsets_, tokens_, log_flow_, 0, rows)
+            flowkern.trie._trie.walk(offsets_, tokens_, log_flow_, 0, rows)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flowkern
-from flowkern import _trie
+from flowkern.trie import _trie
 from reference.trie import DictTrie
 from tests.test_trie import assert_same_trie
 

@@ -1,4 +1,5 @@
-"""Recommendation tasks for the trainer: items, prompts, rewards, popularity groups.
+"""Recommendation tasks for the trainer: items, prompts, rewards, popularity groups, and
+the auxiliary recommender's preference scores (`load_preferences`).
 
 Two modes, as in the Flower paper (arXiv 2503.07377, Sec. 4):
   with history   a directory in the BIGRec/D3/Flower layout: items.tsv (item_id<TAB>title)
@@ -21,6 +22,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from flowkern.trie import Trie
 
@@ -289,3 +291,22 @@ def _tokenise_titles(titles, tokenizer, eos, source) -> list:
                             f"it gives {ids}, which must be non-empty and free of the termination token")
         tokens.append(ids)
     return tokens
+
+
+def load_preferences(path, mode, task):
+    """Per-row normalised preference scores (Sec. 3.3.3): div: (s − mean)/(max − min) + 1,
+    add: (s − min)/(max − min) + 0.5; rows with max = min become all 1; clamped at 1e-3."""
+    scores = np.load(path)
+    expected = (len(task.train), len(task.titles))
+    if scores.shape != expected:
+        raise DataError(f"--pref-scores {path}: expected shape (train rows, items) = {expected}, got {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise DataError(f"--pref-scores {path}: holds NaN or inf")
+    low, high = scores.min(1, keepdims=True), scores.max(1, keepdims=True)
+    spread = np.where(high > low, high - low, 1.0)
+    if mode == "div":
+        normalised = (scores - scores.mean(1, keepdims=True)) / spread + 1.0
+    else:
+        normalised = (scores - low) / spread + 0.5
+    normalised = np.where(high > low, normalised, 1.0)
+    return torch.from_numpy(np.maximum(normalised, 1e-3))

@@ -6,9 +6,10 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from flowkern import metrics
-from flowkern.data import DataError, load_task
+from flowkern.data import DataError, Example, Task, load_preferences, load_task
 from flowkern.models import load_model
 from flowkern.tokenizer import QwenTokenizer
 from tests.strategies import MOVIES, write_dataset
@@ -29,6 +30,17 @@ def test_fairness_by_hand():
     result = metrics.fairness([[0, 1], [1, 1]], [0.75, 0.25], k=2)
     assert result["p_rec"] == [0.25, 0.75]
     assert result["DGU@2"] == pytest.approx(1.0) and result["MGU@2"] == pytest.approx(0.5)
+
+
+def test_fairness_over_eight_groups_by_hand():
+    # 8 recommendations in the first k = 4 of each row (the 5 past k is not counted):
+    # groups 0 ×2, 1, 2, 3, 7 ×3 → p_rec = [.25, .125, .125, .125, 0, 0, 0, .375]
+    p_train = [0.3, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05, 0.05]
+    result = metrics.fairness([[0, 0, 1, 7, 5], [7, 7, 3, 2]], p_train, k=4)
+    assert result["p_rec"] == [0.25, 0.125, 0.125, 0.125, 0.0, 0.0, 0.0, 0.375]
+    # dis = [-.05, -.075, -.025, .025, -.1, -.05, -.05, .325]: max − min = .425 (Σ|dis| = .7),
+    # mean |dis| = .0875 (max |dis| = .325)
+    assert result["DGU@4"] == pytest.approx(0.425) and result["MGU@4"] == pytest.approx(0.0875)
 
 
 def test_diversity_by_hand():
@@ -73,6 +85,35 @@ def test_movies_popularity_groups_match_the_published_priors():
     _, p_train = task.popularity_groups()
     np.testing.assert_allclose(p_train, [0.3927, 0.1797, 0.1275, 0.0976, 0.0781, 0.0607, 0.0431, 0.0205], atol=5e-4)
     assert (task.rewards == task.train_counts + 1).all()
+
+
+def toy_task(titles, train_counts, train_rows=1):
+    return Task(mode="history", source="toy", titles=titles, item_tokens=[[1]] * len(titles),
+                rewards=np.ones(len(titles)), train_counts=np.array(train_counts), eos_token_id=0,
+                train=[Example([1], 0)] * train_rows, valid=[], test=[])
+
+
+def test_unseen_titles_join_the_least_popular_group():
+    """16 seen titles with counts 16 .. 1 make 8 groups of 2; the unseen titles "u1" and
+    "u2" go to group 7; an unseen item that shares t3's title is in t3's group."""
+    titles = ["u1"] + [f"t{i}" for i in range(16)] + ["t3", "u2"]
+    groups, p_train = toy_task(titles, [0] + [16 - i for i in range(16)] + [0, 0]).popularity_groups()
+    assert groups.tolist() == [7] + [i // 2 for i in range(16)] + [1, 7]
+    np.testing.assert_allclose(p_train, np.array([31, 27, 23, 19, 15, 11, 7, 3]) / 136, rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode, first_row", [
+    # row [1, 2, 3, 10]: mean 4, min 1, spread 9
+    ("div", [(1 - 4) / 9 + 1, (2 - 4) / 9 + 1, (3 - 4) / 9 + 1, (10 - 4) / 9 + 1]),
+    ("add", [0.5, 1 / 9 + 0.5, 2 / 9 + 0.5, 9 / 9 + 0.5]),
+])
+def test_load_preferences_normalises_each_row_exactly(tmp_path, mode, first_row):
+    np.save(tmp_path / "scores.npy", np.array([[1.0, 2.0, 3.0, 10.0], [5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 4.0]]))
+    scores = load_preferences(tmp_path / "scores.npy", mode, toy_task(["a", "b", "c", "d"], [1, 1, 1, 1], 3))
+    # row [0, 0, 0, 4]: mean 1, min 0, spread 4; a constant row is all 1
+    third_row = [0.75, 0.75, 0.75, 1.75] if mode == "div" else [0.5, 0.5, 0.5, 1.5]
+    np.testing.assert_allclose(scores.numpy(), [first_row, [1.0] * 4, third_row], rtol=1e-12)
+    assert scores.dtype == torch.float64
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -361,9 +361,10 @@ def _check_invariants(trie: Trie) -> tuple[int, int, int]:
         "leaf_nodes", "leaf_item_offsets", "leaf_items", "item_leaf"))
     nodes, items = log_flow.size, item_leaf.size
     _require(nodes >= 2, "log_flow", f"must hold one entry per node, at least 2, got {nodes}")
-    for name, size in (("offsets", nodes + 1), ("tokens", nodes - 1), ("leaf_items", items),
-                       ("item_rewards", items), ("leaf_item_offsets", leaf_nodes.size + 1)):
-        _require(a[name].size == size, name, f"must hold {size} entries, got {a[name].size}")
+    for name, size, rule in (("offsets", nodes + 1, "len(log_flow) + 1"), ("tokens", nodes - 1, "len(log_flow) - 1"),
+                             ("leaf_items", items, "len(item_leaf)"), ("item_rewards", items, "len(item_leaf)"),
+                             ("leaf_item_offsets", leaf_nodes.size + 1, "len(leaf_nodes) + 1")):
+        _require(a[name].size == size, name, f"must hold {rule} = {size} entries, got {a[name].size}")
     _require(items >= 1 and leaf_nodes.size >= 1, "item_leaf", "must hold at least one item")
     _rising("offsets", offsets, nodes - 1, strict=False)
     _require(bool((tokens >= 0).all()), "tokens", "must hold token ids >= 0")

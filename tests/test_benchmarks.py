@@ -32,3 +32,16 @@ def test_row_gradient_count_runs():
                           "movies"], capture_output=True,
                          text=True, check=True, timeout=600).stdout
     assert re.fullmatch(r"w = 0\.01: in [\d,]+ of the [\d,]+ output rows the SubTB term touches, .*\n", out)
+
+
+def test_hostile_inputs_count_runs():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "hostile_inputs.py")], capture_output=True, text=True,
+                         check=True, timeout=600).stdout
+    assert out.endswith("22 hostile calls:\n  clear error: 21\n  correct: 1\n  other error: 0\n  silent: 0\n"
+                        "  crash: 0\n")
+
+
+def test_trie_corruptions_count_runs():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "trie_corruptions.py")], capture_output=True, text=True,
+                         check=True, timeout=600).stdout
+    assert "449 corrupted files:\n" in out and "  accepted, wrong: 0\n  crash: 0\n" in out

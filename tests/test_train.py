@@ -125,6 +125,21 @@ def test_load_preferences_normalises_each_row_exactly(tmp_path, mode, first_row)
      r"valid.csv, line 14: item ids must lie in \[0, 5\]"),
     (lambda d: open(os.path.join(d, "test.csv"), "w").write("history_item_id,item_id\n"), r"test.csv: the split is empty"),
     (lambda d: open(os.path.join(d, "test.csv"), "w").write("a,b\n1,2\n"), r"test.csv, line 1: missing columns"),
+    (lambda d: open(os.path.join(d, "train.csv"), "ab").write(b'"[1, 2]",3,\xff\xfe,y\n'),
+     r"train.csv, line 14: not UTF-8 text \(byte 0xff\)$"),
+    (lambda d: open(os.path.join(d, "items.tsv"), "ab").write(b"6\tG\xe9ant\n"), r"items.tsv, line 8: not UTF-8 text"),
+    (lambda d: open(os.path.join(d, "train.csv"), "a").write('"[1, 2]"\n'),
+     r"train.csv, line 14: item_id must be an item id in ASCII digits, got None$"),
+    (lambda d: open(os.path.join(d, "train.csv"), "a").write('"[True, False]",3,x,y\n'),
+     r"train.csv, line 14: history_item_id must be a list of item ids$"),
+    (lambda d: open(os.path.join(d, "valid.csv"), "a").write('"[1, 2]",\u0663,x,y\n'),
+     r"valid.csv, line 14: item_id must be an item id in ASCII digits, got '\u0663'$"),
+    (lambda d: open(os.path.join(d, "valid.csv"), "a").write('"[1, 2]", 3 ,x,y\n'),
+     r"valid.csv, line 14: item_id must be an item id in ASCII digits, got ' 3 '$"),
+    (lambda d: open(os.path.join(d, "items.tsv"), "a").write("\uff16\tGap\n"),
+     r"items.tsv, line 8: expected '6<TAB>title', got '\uff16\\tGap'$"),
+    (lambda d: os.remove(os.path.join(d, "train.csv")) or os.mkdir(os.path.join(d, "train.csv")),
+     r"train.csv: is a directory, not a file$"),
 ])
 def test_ill_formed_data_is_named_with_file_and_line(tmp_path, damage, message):
     directory = write_dataset(tmp_path / "data")
@@ -135,7 +150,13 @@ def test_ill_formed_data_is_named_with_file_and_line(tmp_path, damage, message):
 
 @pytest.mark.parametrize("content, message", [
     ("{}", "expected a non-empty JSON object of title -> count"),
-    ('{"Alien": 0}', r"the count of 'Alien' must be a number > 0, got 0"),
+    ('{"Alien": 0}', r"the count of 'Alien' must be a finite number > 0, got 0$"),
+    ('{"Alien": Infinity}', r"the count of 'Alien' must be a finite number > 0, got inf$"),
+    ('{"Alien": 1e400}', r"the count of 'Alien' must be a finite number > 0, got inf$"),
+    ('{"Alien": 1' + "0" * 400 + "}", r"the count of 'Alien' must be a finite number > 0, got 10{400}$"),
+    ('{"Alien": 1e308, "Heat": 1e308}', r"the counts sum to more than a float64 holds$"),
+    ('{"Alien": 1, "Heat": 2, "Alien": 3}', r"the title 'Alien' appears twice$"),
+    ("[" * 100_000 + "]" * 100_000, r"JSON nested too deeply for a title -> count object$"),
     ('{"Alien": 3,', r"line 1: not valid JSON"),
     ('{"": 3}', r"the title of item 0 \(''\) cannot be tokenised as an item"),
     ('{"Alien\\nthe sequel": 3}', r"the title of item 0 \('Alien\\nthe sequel'\) cannot be tokenised as an item"),
@@ -144,6 +165,13 @@ def test_bad_history_free_files(tmp_path, content, message):
     path = tmp_path / "counts.json"
     path.write_text(content)
     with pytest.raises(DataError, match=message):
+        load_task(str(path), QwenTokenizer())
+
+
+def test_history_free_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "counts.json"
+    path.write_bytes(b'{"Alien": 1,\n "H\xe9at": 2}')
+    with pytest.raises(DataError, match=rf"^{path}, line 2: not UTF-8 text \(byte 0xe9\)$"):
         load_task(str(path), QwenTokenizer())
 
 

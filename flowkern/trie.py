@@ -306,7 +306,9 @@ def _integer_array(name: str, values, dtype) -> np.ndarray:
 
 def _read_npz(path) -> dict:
     """The arrays of `save`'s file by name, each read only after its .npy header shows the
-    dtype and the number of dimensions `save` writes and a size the archive really holds."""
+    dtype and the number of dimensions `save` writes and a size the archive really holds
+    (members are stored uncompressed, as `save` writes them, so nothing read is larger
+    than the file)."""
     expected = {name: (dtype, 1) for name, dtype in _ARRAYS.items()} | {
         name: (dtype, 0) for name, dtype in _SCALARS.items()}
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -318,6 +320,8 @@ def _read_npz(path) -> dict:
             if missing:
                 raise ValueError(f"the archive has no {', '.join(missing)}")
             for name, (dtype, ndim) in expected.items():
+                if members[name].compress_type != zipfile.ZIP_STORED:
+                    raise ValueError(f"{name} is compressed; Trie.save stores arrays uncompressed")
                 with archive.open(members[name]) as member:
                     version = np.lib.format.read_magic(member)
                     if version not in readers:
@@ -330,7 +334,7 @@ def _read_npz(path) -> dict:
                         raise ValueError(f"{name} must be a {ndim}-dimensional {np.dtype(dtype).name} array, "
                                          f"got a {len(shape)}-dimensional {stored} array")
                     size = math.prod(shape) * stored.itemsize
-                    data = member.read(size) if size <= members[name].file_size else b""
+                    data = member.read(size) if size <= members[name].compress_size else b""
                     if len(data) != size:
                         raise ValueError(f"{name} declares shape {shape} but the archive holds fewer bytes")
                     arrays[name] = np.frombuffer(bytearray(data), dtype).reshape(shape)

@@ -82,6 +82,9 @@ def _raw_files(arrays):
     yield "a plain .npy", None, npy.getvalue()
     yield "random bytes", None, np.random.default_rng(1).bytes(len(good))
     yield "an empty file", None, b""
+    compressed = io.BytesIO()
+    np.savez_compressed(compressed, **arrays)
+    yield "the archive compressed", "offsets", compressed.getvalue()
     yield "the archive cut in half", None, good[: len(good) // 2]
     yield "tokens declaring 2^40 entries", "tokens", _with_member(arrays, "tokens", _npy_header((2**40,), "<i4"))
     stored = arrays["tokens"]

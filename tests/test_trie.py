@@ -245,9 +245,10 @@ def test_load_rejects_files_that_are_not_tries(tmp_path):
 
 
 def test_load_refuses_every_corruption_of_a_file(tmp_path):
-    """tests/corruptions.py's cases (dtypes, shapes, values, orders, scalars, non-archives,
-    headers that declare more than the file holds): each is a ValueError naming an array of
-    the file, or a file that is a trie of other titles (an edge token changed in order)."""
+    """tests/corruptions.py's cases (dtypes, shapes, values, orders, scalars, non-archives, a
+    compressed archive, headers that declare more than the file holds): each is a ValueError
+    naming an array of the file, or a file that is a trie of other titles (an edge token
+    changed in order)."""
     trie = corruptions.sample_trie()
     outcomes = []
     for label, blamed, content in corruptions.corruptions(corruptions.saved_arrays(trie, tmp_path)):
@@ -260,7 +261,7 @@ def test_load_refuses_every_corruption_of_a_file(tmp_path):
             continue
         assert blamed == "tokens" and corruptions.same_trie(loaded, corruptions.rebuilt(loaded)), label
         outcomes.append("other titles")
-    assert len(outcomes) == 449 and outcomes.count(0) == 435 and outcomes.count("other titles") == 2
+    assert len(outcomes) == 450 and outcomes.count(0) == 436 and outcomes.count("other titles") == 2
 
 
 def test_replaced_arrays_are_checked():

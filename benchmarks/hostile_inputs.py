@@ -72,9 +72,10 @@ def sample(value):
     return SimpleNamespace(wrong=bool((found.items < 0).any()), value=found)
 
 
-def processor(scores, pad_token_id=None, allowed=None):
-    out = flowkern.TrieLogitsProcessor(TRIE, prompt_length=1, pad_token_id=pad_token_id)(torch.tensor([[7]]),
-                                                                                          scores[None])
+def processor(scores, pad_token_id=None, allowed=None, generated=()):
+    """The processor's scores after the prompt [7] and the `generated` tokens."""
+    input_ids = torch.tensor([[7, *generated]])
+    out = flowkern.TrieLogitsProcessor(TRIE, prompt_length=1, pad_token_id=pad_token_id)(input_ids, scores[None])
     finite = set((out[0] > -float("inf")).nonzero().view(-1).tolist())
     return SimpleNamespace(wrong=bool(out.isnan().any()) or (allowed is not None and finite != allowed), value=out)
 
@@ -100,8 +101,8 @@ def cases():
     yield "TrieLogitsProcessor, NaN scores", "scores", lambda: processor(row(float("nan")))
     yield "TrieLogitsProcessor, children all -inf", "(none: stays -inf)", lambda: processor(
         row(-float("inf"), [1, 3]), allowed=set())
-    yield "TrieLogitsProcessor, pad_token_id = -1", "pad_token_id", lambda: processor(
-        row(0.0), pad_token_id=-1, allowed={1, 3})
+    yield "TrieLogitsProcessor, pad_token_id = -1, after an item", "pad_token_id", lambda: processor(
+        row(0.0), pad_token_id=-1, allowed={0}, generated=(1, 2, 0))
     yield "TrieLogitsProcessor, pad_token_id = V", "pad_token_id", lambda: processor(row(0.0), pad_token_id=8)
 
 

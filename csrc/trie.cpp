@@ -66,6 +66,9 @@ void validate(const Items& items, int64_t eos, const std::string& name) {
     const int64_t begin = items.offsets[i], end = items.offsets[i + 1];
     if (end < begin) fail("offsets must be non-decreasing, but offsets[" + std::to_string(i + 1) +
                           "] < offsets[" + std::to_string(i) + "]");
+    if (end > items.num_tokens)
+      fail("offsets[" + std::to_string(i + 1) + "] = " + std::to_string(end) + " is past the end of tokens (" +
+           std::to_string(items.num_tokens) + " tokens)");
     if (end == begin)
       fail(name + "[" + std::to_string(i) + "] is empty: every item needs at least one token");
     for (int64_t j = begin; j < end; ++j) {
@@ -291,9 +294,18 @@ py::dict build_lists(const py::sequence& sequences, const FloatArray& rewards, i
 // Trie.walk on CPU: each row followed from the root, one binary search among the sorted
 // children per token, until its termination token or the first token that is not a child.
 // Fills nodes (B, T + 1, -1 once stopped), log_reward (B, T), length and left_at (B,).
+// The array sizes are checked once, each node's child range before it is searched.
 py::dict walk(const Int64Array& offsets, const Int32Array& edge_tokens, const FloatArray& log_flow,
               int64_t eos, const Int64Array& tokens) {
   if (tokens.ndim() != 2) fail("tokens must be two-dimensional");
+  if (log_flow.ndim() != 1 || log_flow.shape(0) < 1) fail("log_flow must be one-dimensional and non-empty");
+  const int64_t num_nodes = log_flow.shape(0), num_edges = num_nodes - 1;
+  if (offsets.ndim() != 1 || offsets.shape(0) != num_nodes + 1)
+    fail("offsets must hold len(log_flow) + 1 = " + std::to_string(num_nodes + 1) + " entries, got " +
+         std::to_string(offsets.size()));
+  if (edge_tokens.ndim() != 1 || edge_tokens.shape(0) != num_edges)
+    fail("edge_tokens must hold len(log_flow) - 1 = " + std::to_string(num_edges) + " entries, got " +
+         std::to_string(edge_tokens.size()));
   const int64_t batch = tokens.shape(0), steps = tokens.shape(1);
   py::array_t<int64_t> nodes({batch, steps + 1});
   py::array_t<double> log_reward({batch, steps});
@@ -318,6 +330,10 @@ py::dict walk(const Int64Array& offsets, const Int32Array& edge_tokens, const Fl
       row_nodes[0] = 0;
       for (int64_t t = 0; t < steps; ++t) {
         const int64_t x = row_tokens[t];
+        if (offset[node] < 0 || offset[node] > offset[node + 1] || offset[node + 1] > num_edges)
+          fail("offsets[" + std::to_string(node) + ":" + std::to_string(node + 2) + "] = [" +
+               std::to_string(offset[node]) + ", " + std::to_string(offset[node + 1]) +
+               "] is not a range of the " + std::to_string(num_edges) + " edges");
         const int32_t* first = edge_token + offset[node];
         const int32_t* last = edge_token + offset[node + 1];
         const int32_t* edge = std::lower_bound(first, last, x, [](int32_t a, int64_t v) { return a < v; });

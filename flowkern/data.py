@@ -1,4 +1,5 @@
-"""Recommendation tasks for the trainer: items, prompts, rewards, popularity groups.
+"""Recommendation tasks for the trainer: items, prompts, rewards, popularity groups, and
+the auxiliary recommender's preference scores (`load_preferences`).
 
 Two modes, as in the Flower paper (arXiv 2503.07377, Sec. 4):
   with history   a directory in the BIGRec/D3/Flower layout: items.tsv (item_id<TAB>title)
@@ -16,11 +17,14 @@ reachable), or its count (history-free).  A title's termination token is "\\n".
 import ast
 import hashlib
 import csv
+import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from flowkern.trie import Trie
 
@@ -191,20 +195,25 @@ def _chat(tokenizer, text) -> str:
 
 
 def _load_history_free(path, tokenizer, eos, encode) -> Task:
+    """A title appearing twice and counts that are not finite, or whose sum is not, are errors."""
+    text = _read_text(path, "")
     try:
-        with open(path, encoding="utf-8") as f:
-            counts = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
+        counts = json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(path, pairs))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply for a title -> count object") from None
     if not isinstance(counts, dict) or not counts:
         raise DataError(f"{path}: expected a non-empty JSON object of title -> count")
     for title, count in counts.items():
-        if isinstance(count, bool) or not isinstance(count, (int, float)) or not count > 0:
-            raise DataError(f"{path}: the count of {title!r} must be a number > 0, got {count!r}")
+        if isinstance(count, bool) or not isinstance(count, (int, float)) or not 0 < count <= sys.float_info.max:
+            raise DataError(f"{path}: the count of {title!r} must be a finite number > 0, got {count!r}")
     titles = list(counts)
     weights = np.array([float(counts[t]) for t in titles])
+    with np.errstate(over="ignore"):
+        total = weights.sum()
+    if not np.isfinite(total):
+        raise DataError(f"{path}: the counts sum to more than a float64 holds")
     return Task("history_free", path, titles, _tokenise_titles(titles, tokenizer, eos, path), weights, weights,
                 eos, [Example(encode())], [], [])
 
@@ -226,18 +235,45 @@ def _load_history(directory, tokenizer, eos, encode, max_history) -> Task:
                 counts, eos, examples(splits["train"]), examples(splits["valid"]), examples(splits["test"]))
 
 
-def _read_items(path) -> list:
-    titles = []
+def _unique_keys(path, pairs) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    if repeated is not None:
+        raise DataError(f"{path}: the title {repeated!r} appears twice")
+    return dict(pairs)
+
+
+def _read_text(path, expected) -> str:
+    """The file as UTF-8 text; a missing file, a directory or bytes that are not UTF-8 are
+    DataErrors naming the file (and the line of the first bad byte)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file (expected item_id<TAB>title lines)") from None
+        raise DataError(f"{path}: no such file{expected}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a file{expected}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {data[error.start]:#04x})") from None
+
+
+def _item_id(text):
+    """An item id written in ASCII digits, nothing around them; None otherwise."""
+    return int(text) if isinstance(text, str) and text.isascii() and text.isdigit() else None
+
+
+def _read_items(path) -> list:
+    """items.tsv: the header, then `i<TAB>title` for i = 0, 1, ... in ASCII digits."""
+    titles = []
+    lines = _read_text(path, " (expected item_id<TAB>title lines)").splitlines()
     if not lines or lines[0].split("\t") != ["item_id", "title"]:
         raise DataError(f"{path}, line 1: expected the header 'item_id<TAB>title'")
     for number, line in enumerate(lines[1:], start=2):
         item, tab, title = line.partition("\t")
-        if not tab or not item.isdigit() or int(item) != len(titles) or not title.strip():
+        if not tab or _item_id(item) != len(titles) or not title.strip():
             raise DataError(f"{path}, line {number}: expected '{len(titles)}<TAB>title', got {line!r}")
         titles.append(title)
     if not titles:
@@ -246,28 +282,27 @@ def _read_items(path) -> list:
 
 
 def _read_rows(path, num_items) -> list:
-    """[(history item ids, next item id)] of one split."""
+    """[(history item ids, next item id)] of one split; ids are ints (not bools), item_id in
+    ASCII digits."""
     rows = []
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"history_item_id", "item_id"} - set(reader.fieldnames or [])
-            if missing:
-                raise DataError(f"{path}, line 1: missing columns {sorted(missing)}")
-            for row in reader:
-                where = f"{path}, line {reader.line_num}"
-                try:
-                    history, target = ast.literal_eval(row["history_item_id"]), int(row["item_id"])
-                except (ValueError, SyntaxError):
-                    raise DataError(f"{where}: history_item_id must be a list of item ids and item_id an "
-                                    f"item id") from None
-                if not isinstance(history, list) or not all(isinstance(i, int) for i in history):
-                    raise DataError(f"{where}: history_item_id must be a list of item ids")
-                if not all(0 <= i < num_items for i in history + [target]):
-                    raise DataError(f"{where}: item ids must lie in [0, {num_items - 1}] (items.tsv)")
-                rows.append((history, target))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
+    reader = csv.DictReader(io.StringIO(_read_text(path, ""), newline=""))
+    missing = {"history_item_id", "item_id"} - set(reader.fieldnames or [])
+    if missing:
+        raise DataError(f"{path}, line 1: missing columns {sorted(missing)}")
+    for row in reader:
+        where = f"{path}, line {reader.line_num}"
+        target = _item_id(row["item_id"])
+        if target is None:
+            raise DataError(f"{where}: item_id must be an item id in ASCII digits, got {row['item_id']!r}")
+        try:
+            history = ast.literal_eval(row["history_item_id"] or "")
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise DataError(f"{where}: history_item_id must be a list of item ids") from None
+        if not isinstance(history, list) or not all(type(i) is int for i in history):
+            raise DataError(f"{where}: history_item_id must be a list of item ids")
+        if not all(0 <= i < num_items for i in history + [target]):
+            raise DataError(f"{where}: item ids must lie in [0, {num_items - 1}] (items.tsv)")
+        rows.append((history, target))
     if not rows:
         raise DataError(f"{path}: the split is empty")
     return rows
@@ -289,3 +324,22 @@ def _tokenise_titles(titles, tokenizer, eos, source) -> list:
                             f"it gives {ids}, which must be non-empty and free of the termination token")
         tokens.append(ids)
     return tokens
+
+
+def load_preferences(path, mode, task):
+    """Per-row normalised preference scores (Sec. 3.3.3): div: (s − mean)/(max − min) + 1,
+    add: (s − min)/(max − min) + 0.5; rows with max = min become all 1; clamped at 1e-3."""
+    scores = np.load(path)
+    expected = (len(task.train), len(task.titles))
+    if scores.shape != expected:
+        raise DataError(f"--pref-scores {path}: expected shape (train rows, items) = {expected}, got {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise DataError(f"--pref-scores {path}: holds NaN or inf")
+    low, high = scores.min(1, keepdims=True), scores.max(1, keepdims=True)
+    spread = np.where(high > low, high - low, 1.0)
+    if mode == "div":
+        normalised = (scores - scores.mean(1, keepdims=True)) / spread + 1.0
+    else:
+        normalised = (scores - low) / spread + 0.5
+    normalised = np.where(high > low, normalised, 1.0)
+    return torch.from_numpy(np.maximum(normalised, 1e-3))

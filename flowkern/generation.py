@@ -252,20 +252,29 @@ class TrieLogitsProcessor(LogitsProcessor):
     their trie node and returns the scores renormalised over that node's children, −inf
     elsewhere: log π of the trie policy.  With sampling this equals `sample`; with beam
     search and `length_penalty=0` the beams are ranked as in `recommend`.  Rows that have
-    finished an item may only repeat the termination token (or `pad_token_id`)."""
+    finished an item may only repeat the termination token (or `pad_token_id`).  NaN or +inf
+    scores at a row's children are refused; a row whose children all score −inf stays −inf."""
 
     def __init__(self, trie: Trie, prompt_length: int, pad_token_id: Optional[int] = None):
         _check_trie(trie)
         check_count("prompt_length", prompt_length)
+        if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)
+                                         or pad_token_id < 0):
+            raise ValueError(f"pad_token_id must be None or a token id >= 0, got {pad_token_id!r}")
         self.trie, self.prompt_length, self.pad_token_id = trie, prompt_length, pad_token_id
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.pad_token_id is not None and self.pad_token_id >= scores.shape[-1]:
+            raise ValueError(f"pad_token_id = {self.pad_token_id} is not a token id of scores with "
+                             f"V = {scores.shape[-1]} columns")
         generated = input_ids[:, self.prompt_length:]
         walk = self.trie.walk(generated)
         node = walk.nodes[:, -1]
         finished = (walk.length >= 0) | (node < 0)  # ended an item, or left the trie
         masked = mask_logits(scores, torch.where(finished, 0, node), self.trie)
-        allowed = masked - torch.logsumexp(masked, dim=-1, keepdim=True)
+        _check_children_scores("scores", masked.masked_fill(finished[:, None], 0.0), allow_all_minus_inf=True)
+        lse = torch.logsumexp(masked, dim=-1, keepdim=True)
+        allowed = torch.where(lse > float("-inf"), masked - lse, float("-inf"))
         ended = torch.full_like(scores, float("-inf"))
         for token in {self.trie.eos_token_id, self.pad_token_id} - {None}:
             ended[:, token] = 0.0
@@ -299,10 +308,13 @@ class _Decoder:
 
     def children(self, nodes: torch.Tensor) -> Children:
         if self.head is None:
-            return _children(nodes, self.trie, _gathered(self.state))
-        weight, bias = self.head.weight, self.head.bias
-        return _children(nodes, self.trie, lambda tokens, present: head.children_logits(
-            self.state, weight, bias, nodes, self.trie, tokens.shape[1]))
+            children = _children(nodes, self.trie, _gathered(self.state))
+        else:
+            weight, bias = self.head.weight, self.head.bias
+            children = _children(nodes, self.trie, lambda tokens, present: head.children_logits(
+                self.state, weight, bias, nodes, self.trie, tokens.shape[1]))
+        _check_children_scores("the model's logits", children.logits, allow_all_minus_inf=False)
+        return children
 
     def repeat(self, times: int) -> None:
         """Every row `times` times in a row (prompt-major)."""
@@ -396,6 +408,20 @@ def _row_values(name, value, rows, device):
         return value.to(device, torch.float32)
     check_number(name, value, positive=True)
     return torch.full((rows,), float(value), device=device)
+
+
+def _check_children_scores(name, values, allow_all_minus_inf):
+    """`values` (B, ·): the children's logits of each row, −inf elsewhere; NaN or +inf is
+    refused, and so is a row of −inf only unless allowed."""
+    bad = torch.isnan(values) | torch.isposinf(values)
+    empty = torch.zeros_like(bad[:, 0]) if allow_all_minus_inf else (values == float("-inf")).all(1)
+    if not bool((bad.any(1) | empty).any()):
+        return
+    b = int((bad.any(1) | empty).nonzero()[0])
+    if bool(empty[b]):
+        raise ValueError(f"{name} give every child of row {b}'s trie node −inf: the trie policy has no item to take")
+    raise ValueError(f"{name} hold NaN or +inf at the trie children of row {b}: "
+                     f"{values[b][bad[b]].tolist()[:4]}; the trie policy needs finite logits there")
 
 
 def _check_trie(trie):

@@ -19,6 +19,13 @@ and the same pair sum over states 0 .. L.
 
 reduction="mean" divides Σ_b loss_b by Σ_b Σ_{m<n} λ^(n−m−1), the published normalisation.
 
+Numbers: every result is finite or the call raises a ValueError naming the argument.  λ must
+keep a full row's pair weight Σ_{0≤m<n≤T} λ^(n−m−1) finite in the compute dtype (float64
+for float64 inputs, else float32), checked before anything runs; the personalised log r_t
+must be finite in that dtype (else the preference score, or pref_weight, is named); and a
+loss that still overflows names the largest of its factors: λ's pair weight, |log π| (the
+logits) or |log r| (the preferences).  Both backends run the same checks.
+
 subtb_loss runs four stages (walk, log π, pair sum, logits gradient) on a backend:
 flowkern/eager.py (vectorised PyTorch) or flowkern/kernels (Triton), behind the registered
 operator flowkern::subtb_loss.  linear_subtb_loss runs the same walk and pair sum, with log π
@@ -26,6 +33,7 @@ and its gradient read from hidden states and the output layer instead of logits
 (flowkern/head.py, flowkern/kernels/head.py), behind flowkern::linear_subtb_loss.
 """
 
+import math
 import os
 from typing import Callable, NamedTuple, Optional
 
@@ -76,6 +84,7 @@ def subtb_loss(logits, trie, rewards=None, *, tokens, lam=1.0, normalize=None, f
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad must be a bool, got {describe(inplace_grad)}")
     _check_inputs(logits, tokens, trie)
+    _check_lam(lam, tokens.shape[1], compute_dtype(logits.dtype))
     _check_rewards(rewards, tokens.shape[0], trie.num_items, _logits_source(logits))
     options = (float(lam), form, normalize, pref_mode, float(pref_weight), on_invalid, backend)
     if inplace_grad and logits.requires_grad and torch.is_grad_enabled():
@@ -105,6 +114,7 @@ def linear_subtb_loss(hidden, weight, trie, rewards=None, *, tokens, bias=None, 
     normalize = _check_options(lam, normalize, form, pref_mode, pref_weight, reduction, on_invalid)
     check_choice("backend", backend, BACKENDS)
     source = _check_head_inputs(hidden, weight, bias, tokens, trie)
+    _check_lam(lam, tokens.shape[1], compute_dtype(hidden.dtype))
     _check_rewards(rewards, tokens.shape[0], trie.num_items, source)
     options = (float(lam), form, normalize, pref_mode, float(pref_weight), on_invalid, backend)
     arrays, ints, log_z = _pack(trie)
@@ -151,9 +161,13 @@ class _SequenceLogProbs(torch.autograd.Function):
         b, t = eager.used_rows(walk.length, tokens.shape[1])
         source = _head_source(*inputs) if from_head else _logits_source(*inputs)
         _check_finite_log_probs(log_pi[b, t, None], b, t, tokens[b, t], source)
+        total = log_pi.sum(1)
+        if not bool(torch.isfinite(total).all()):
+            row = int((~torch.isfinite(total)).nonzero()[0])
+            raise ValueError(f"{source.at.format(row, ':')} give log-probabilities whose sum overflows {total.dtype}")
         ctx.save_for_backward(tokens, walk.nodes, walk.length, lse, *inputs)
         ctx.trie, ctx.normalize, ctx.stages = trie, normalize, stages
-        return log_pi.sum(1)
+        return total
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -191,7 +205,13 @@ def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, *, reduction
     for name, value in pieces.items():
         if not bool(torch.isfinite(value[used]).all()):
             raise ValueError(f"{name} holds NaN or inf at a state the loss uses")
+    _check_lam(lam, steps, log_pf.dtype)
     loss, weight = _PairSum.apply(eager.modified_deltas(log_pf, log_pterm, log_r), lengths + 1, lam)
+    if not bool(torch.isfinite(loss).all()):
+        b = int((~torch.isfinite(loss)).nonzero()[0])
+        largest = max(float(value[b][used[b]].abs().max()) for value in pieces.values())
+        raise ValueError(f"the loss of row {b} overflows {log_pf.dtype}: log_pf, log_pterm and log_r reach "
+                         f"{largest:.3g} in magnitude there, too large for their squared differences")
     return _reduce(loss, weight, reduction)
 
 
@@ -232,8 +252,8 @@ def _pack(trie):
 
 def _unpack(arrays, ints, log_z):
     eos_token_id, max_token, max_degree, min_depth = ints
-    return Trie(*arrays, eos_token_id=eos_token_id, log_z=log_z, max_token=max_token, max_degree=max_degree,
-                min_depth=min_depth)
+    return Trie._unchecked(**dict(zip(_ARRAYS, arrays)), eos_token_id=eos_token_id, log_z=log_z,
+                           max_token=max_token, max_degree=max_degree, min_depth=min_depth)
 
 
 @torch.library.custom_op("flowkern::subtb_loss", mutates_args=())
@@ -407,7 +427,8 @@ def _forward(source, tokens, trie, rewards, options):
     flower = form == "flower"
     log_pf, log_pterm, lse = source.log_probs(stages, tokens, walk.nodes, walk.length, trie, normalize, flower)
     loss, weight, g = stages.pair_sum(log_pf, log_pterm, walk.log_reward, walk.length, lam)
-    _check_read_values(walk, tokens, source, trie, on_invalid, rewards, preference, log_pf, log_pterm)
+    _check_read_values(walk, tokens, source, trie, on_invalid, rewards, preference, log_pf, log_pterm,
+                       (loss, weight, g), (lam, pref_mode, pref_weight))
     return loss, weight, walk.nodes, walk.length, lse, g
 
 
@@ -594,20 +615,66 @@ def _check_rewards(rewards, batch, num_items, source):
                          f"got {tuple(rewards.shape)}")
 
 
-def _check_read_values(walk, tokens, source, trie, on_invalid, rewards, preference, log_pf, log_pterm):
+def _check_lam(lam, steps, dtype):
+    """λ must keep the pair weight of a row of T positions, W = Σ_{g=1}^{T} (T + 1 − g)·λ^(g−1),
+    finite in the compute dtype (log-sum-exp in float64, so no overflow here)."""
+    terms = [math.log(steps + 1 - g) + (g - 1) * math.log(lam) for g in range(1, steps + 1)]
+    top = max(terms)
+    log_weight = top + math.log(sum(math.exp(term - top) for term in terms))
+    if log_weight >= math.log(torch.finfo(dtype).max):
+        raise ValueError(f"lam = {lam!r} is too large for T = {steps} positions: the pair weights Σ λ^(n−m−1) "
+                         f"reach e^{log_weight:.1f} and overflow {dtype}")
+
+
+def _check_read_values(walk, tokens, source, trie, on_invalid, rewards, preference, log_pf, log_pterm, results,
+                       options):
     """One device sync for every data-dependent check; on failure the first problem, in the
-    order trajectories, preferences, log-probabilities, is raised."""
+    order trajectories, preferences, log-probabilities, personalised log-rewards, loss, is raised."""
     invalid = walk.length < 0 if on_invalid == "error" else torch.zeros_like(walk.length, dtype=torch.bool)
     bad_preference = ~(torch.isfinite(preference) & (preference > 0))
     log_probs = torch.stack([log_pf] + ([log_pterm] if log_pterm is not None else []), -1)
     used = torch.arange(tokens.shape[1], device=tokens.device) <= walk.length[:, None]
     not_finite = used & ~torch.isfinite(log_probs).all(-1)
-    if not bool(torch.stack([invalid.any(), bad_preference.any(), not_finite.any()]).any()):
+    bad_log_reward = used & ~torch.isfinite(walk.log_reward.to(log_pf.dtype))
+    loss, weight, g = results
+    bad_loss = ~(torch.isfinite(loss) & torch.isfinite(weight) & torch.isfinite(g).all(1))
+    flags = [invalid, bad_preference, not_finite, bad_log_reward, bad_loss]
+    if not bool(torch.stack([flag.any() for flag in flags]).any()):
         return
     _check_trajectories(walk, tokens, source, trie.eos_token_id, on_invalid)
-    if bool(bad_preference.any()):
-        b = int(bad_preference.nonzero()[0])
-        where = f"rewards[{b}, {int(walk.item[b])}] (trajectory {b}'s item)" if rewards.dim() == 2 else f"rewards[{b}]"
-        raise ValueError(f"{where} = {float(preference[b])}: preference scores must be finite and > 0")
+    if bool(bad_preference.any() | bad_log_reward.any()):
+        b = int((bad_preference | bad_log_reward.any(1)).nonzero()[0])
+        where = _preference_name(b, walk, rewards)
+        if bool(bad_preference[b]):
+            raise ValueError(f"{where} = {float(preference[b])}: preference scores must be finite and > 0")
+        lam, pref_mode, pref_weight = options
+        if pref_mode == "div":
+            raise ValueError(f"{where} = {float(preference[b])!r} is too small: the process log-rewards log r_t / p "
+                             f"overflow {log_pf.dtype}")
+        raise ValueError(f"pref_weight = {pref_weight!r} is too large: pref_weight·log p with {where} = "
+                         f"{float(preference[b])!r} overflows {log_pf.dtype}")
     b, t = used.nonzero(as_tuple=True)
     _check_finite_log_probs(log_probs[b, t], b, t, tokens[b, t], source)
+    b = int(bad_loss.nonzero()[0])
+    _raise_loss_overflow(b, float(weight[b]), log_probs, walk, used, source, options, rewards, log_pf.dtype)
+
+
+def _preference_name(b, walk, rewards):
+    return f"rewards[{b}, {int(walk.item[b])}] (trajectory {b}'s item)" if rewards.dim() == 2 else f"rewards[{b}]"
+
+
+def _raise_loss_overflow(b, weight, log_probs, walk, used, source, options, rewards, dtype):
+    """Trajectory b's loss Σ λ^(n−m−1) (D_n − D_m)² overflowed: name its largest factor, the
+    pair weight W_b (λ), max |log π|² (the logits) or max |log r|² (the preferences)."""
+    lam, pref_mode, pref_weight = options
+    log_pi = float(log_probs[b][used[b]].abs().max())
+    log_r = float(walk.log_reward[b][used[b]].abs().max())
+    overflow = f"the loss of trajectory {b} overflows {dtype}: "
+    factors = {math.log(max(weight, 1.0)): f"lam = {lam!r} is too large (its pair weights sum to {weight:.3g})",
+               2 * math.log(max(log_pi, 1e-300)): f"{source.at.format(b, ':')} give log-probabilities down to "
+                                                  f"{-log_pi:.3g}: {source.name} must be smaller in magnitude"}
+    if rewards is not None:
+        preference = (f"{_preference_name(b, walk, rewards)} too small for pref_mode='div'" if pref_mode == "div"
+                      else f"pref_weight = {pref_weight!r} too large")
+        factors[2 * math.log(max(log_r, 1e-300))] = f"its process log-rewards reach {log_r:.3g}, from {preference}"
+    raise ValueError(overflow + factors[max(factors)])

@@ -24,7 +24,7 @@ import torch
 
 import flowkern
 from flowkern import plots
-from flowkern.data import BUILTIN, DataError, load_task
+from flowkern.data import BUILTIN, DataError, load_preferences, load_task
 from flowkern.models import add_lora, load_model
 from flowkern.trainer import FlowerConfig, FlowerTrainer
 from transformers import TrainerCallback
@@ -222,25 +222,6 @@ def _check(script, values):
     if script.resume and not os.path.isdir(values.get("output_dir") or ""):
         raise ValueError(f"--resume: no run directory {values.get('output_dir')}")
     return history
-
-
-def load_preferences(path, mode, task):
-    """Per-row normalised preference scores (Sec. 3.3.3): div: (s − mean)/(max − min) + 1,
-    add: (s − min)/(max − min) + 0.5; rows with max = min become all 1; clamped at 1e-3."""
-    scores = np.load(path)
-    expected = (len(task.train), len(task.titles))
-    if scores.shape != expected:
-        raise DataError(f"--pref-scores {path}: expected shape (train rows, items) = {expected}, got {scores.shape}")
-    if not np.isfinite(scores).all():
-        raise DataError(f"--pref-scores {path}: holds NaN or inf")
-    low, high = scores.min(1, keepdims=True), scores.max(1, keepdims=True)
-    spread = np.where(high > low, high - low, 1.0)
-    if mode == "div":
-        normalised = (scores - scores.mean(1, keepdims=True)) / spread + 1.0
-    else:
-        normalised = (scores - low) / spread + 0.5
-    normalised = np.where(high > low, normalised, 1.0)
-    return torch.from_numpy(np.maximum(normalised, 1e-3))
 
 
 # ---- artefacts ------------------------------------------------------------------------------

@@ -15,18 +15,25 @@ with siblings in ascending token order, so:
   - the nodes at depth d are level_offsets[d] .. level_offsets[d + 1] − 1;
   - leaf_nodes[k] holds items leaf_items[leaf_item_offsets[k] : leaf_item_offsets[k + 1]],
     ascending; the first of them is the leaf's canonical item.
+
+Every `Trie` is checked against this layout when it is made (built, loaded, or changed with
+`dataclasses.replace`): `_check_invariants` refuses anything else with a ValueError that
+names the array, so the C++ walk and the kernels index only arrays that form a trie.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import zipfile
+import zlib
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from flowkern._checks import check_token_tensor
+from flowkern._checks import check_token_tensor, describe
 
 try:  # top-level, so that any copy of these sources finds the installed build (setup.py)
     import _flowkern_trie as _trie
@@ -43,6 +50,9 @@ _ARRAYS = {  # name -> dtype, as stored and as held on any device
     "leaf_nodes": np.int32, "leaf_item_offsets": np.int64, "leaf_items": np.int32,
     "item_leaf": np.int32, "item_rewards": np.float64,
 }
+_TORCH_DTYPES = {dtype: torch.from_numpy(np.empty(0, dtype)).dtype for dtype in set(_ARRAYS.values())}
+_SCALARS = {"format_version": np.int64, "eos_token_id": np.int64, "log_z": np.float64}  # as stored
+_LOG_FLOW_TOLERANCE = 1e-8  # |log F stored − log F from the rewards|: summation order only
 
 
 class TrieWalk(NamedTuple):
@@ -78,9 +88,21 @@ class Trie:
     item_rewards: torch.Tensor
     eos_token_id: int
     log_z: float
-    max_token: int
-    max_degree: int
-    min_depth: int  # shortest item plus its termination token
+    max_token: int = dataclasses.field(init=False)  # derived from the arrays when checked
+    max_degree: int = dataclasses.field(init=False)
+    min_depth: int = dataclasses.field(init=False)  # shortest item plus its termination token
+
+    def __post_init__(self):
+        for name, value in zip(("max_token", "max_degree", "min_depth"), _check_invariants(self)):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def _unchecked(cls, **fields) -> "Trie":
+        """A trie of arrays already checked (moved to a device, or unpacked inside an op)."""
+        trie = object.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(trie, name, value)
+        return trie
 
     @classmethod
     def build(cls, sequences, rewards=None, *, eos_token_id: int) -> "Trie":
@@ -109,12 +131,8 @@ class Trie:
 
     @classmethod
     def _from_numpy(cls, arrays: dict, log_z: float, eos_token_id: int) -> "Trie":
-        shallowest_leaf = arrays["leaf_nodes"][0]  # breadth-first numbering: the lowest leaf id
         return cls(**{name: torch.from_numpy(np.ascontiguousarray(arrays[name], dtype))
-                      for name, dtype in _ARRAYS.items()},
-                   eos_token_id=eos_token_id, log_z=log_z, max_token=int(arrays["tokens"].max()),
-                   max_degree=int(np.diff(arrays["offsets"]).max()),
-                   min_depth=int(np.searchsorted(arrays["level_offsets"], shallowest_leaf, side="right")) - 1)
+                      for name, dtype in _ARRAYS.items()}, eos_token_id=eos_token_id, log_z=log_z)
 
     # ---- sizes and derived views -------------------------------------------------------
     @property
@@ -151,7 +169,8 @@ class Trie:
 
     def to(self, device) -> "Trie":
         """The same trie with its arrays on `device`."""
-        return dataclasses.replace(self, **{name: getattr(self, name).to(device) for name in _ARRAYS})
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return Trie._unchecked(**dict(fields, **{name: getattr(self, name).to(device) for name in _ARRAYS}))
 
     def __repr__(self) -> str:
         return (f"Trie(num_items={self.num_items}, num_nodes={self.num_nodes}, depth={self.depth}, "
@@ -167,21 +186,17 @@ class Trie:
 
     @classmethod
     def load(cls, path) -> "Trie":
-        """Read a trie written by `save`; checks the format version and the structure."""
-        with np.load(path, allow_pickle=False) as f:
-            if "format_version" not in f.files:
-                raise ValueError(f"{os.fspath(path)!r} is not a flowkern trie file (no format_version)")
-            version = int(f["format_version"])
+        """Read a trie written by `save`: its arrays are read as raw data of the dtypes `save`
+        writes (no pickles, nothing allocated beyond the archive's bytes), then checked as
+        every Trie is.  Any fault is a ValueError naming the file and the array."""
+        try:
+            arrays = _read_npz(path)
+            version = int(arrays["format_version"])
             if version != FORMAT_VERSION:
-                raise ValueError(f"{os.fspath(path)!r} has trie format version {version}; "
-                                 f"this flowkern reads version {FORMAT_VERSION}")
-            missing = sorted(set(_ARRAYS) - set(f.files))
-            if missing:
-                raise ValueError(f"{os.fspath(path)!r} is missing trie arrays {missing}")
-            arrays = {name: f[name] for name in _ARRAYS}
-            eos_token_id, log_z = int(f["eos_token_id"]), float(f["log_z"])
-        _check_structure(arrays, path)
-        return cls._from_numpy(arrays, log_z, eos_token_id)
+                raise ValueError(f"format_version is {version}; this flowkern reads version {FORMAT_VERSION}")
+            return cls._from_numpy(arrays, float(arrays["log_z"]), int(arrays["eos_token_id"]))
+        except ValueError as error:
+            raise ValueError(f"{os.fspath(path)!r} does not hold a flowkern trie: {error}") from None
 
     # ---- walking token sequences --------------------------------------------------------
     def walk(self, tokens: torch.Tensor) -> TrieWalk:
@@ -289,31 +304,121 @@ def _integer_array(name: str, values, dtype) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-def _check_structure(arrays: dict, path) -> None:
-    """Reject a file whose arrays do not form a trie (sizes or indices out of range)."""
-    offsets, tokens, level_offsets = arrays["offsets"], arrays["tokens"], arrays["level_offsets"]
-    leaf_nodes, leaf_item_offsets = arrays["leaf_nodes"], arrays["leaf_item_offsets"]
-    num_nodes, num_items = arrays["log_flow"].size, arrays["item_leaf"].size
-    checks = [
-        ("one-dimensional arrays", lambda: all(arrays[name].ndim == 1 for name in _ARRAYS)),
-        ("num_nodes = len(tokens) + 1 = len(offsets) - 1 >= 2",
-         lambda: num_nodes >= 2 and tokens.size == num_nodes - 1 and offsets.size == num_nodes + 1),
-        ("offsets rising from 0 to len(tokens)",
-         lambda: offsets[0] == 0 and offsets[-1] == tokens.size and np.all(np.diff(offsets) >= 0)),
-        ("token ids in [0, 2^31 - 1]", lambda: tokens.min() >= 0 and tokens.max() <= np.iinfo(np.int32).max),
-        ("level_offsets rising from 0 to num_nodes",
-         lambda: level_offsets.size >= 3 and level_offsets[0] == 0 and level_offsets[-1] == num_nodes
-         and np.all(np.diff(level_offsets) > 0)),
-        ("one reward, one leaf entry per item", lambda: num_items >= 1 and arrays["item_rewards"].size
-         == num_items and arrays["leaf_items"].size == num_items),
-        ("leaf_item_offsets rising from 0 to num_items",
-         lambda: leaf_item_offsets.size == leaf_nodes.size + 1 and leaf_item_offsets[0] == 0
-         and leaf_item_offsets[-1] == num_items and np.all(np.diff(leaf_item_offsets) > 0)),
-        ("leaf and item ids in range",
-         lambda: leaf_nodes.min() >= 1 and leaf_nodes.max() < num_nodes and arrays["item_leaf"].min() >= 1
-         and arrays["item_leaf"].max() < num_nodes and arrays["leaf_items"].min() >= 0
-         and arrays["leaf_items"].max() < num_items),
-    ]
-    for expected, holds in checks:
-        if not holds():
-            raise ValueError(f"{os.fspath(path)!r} does not hold a consistent trie: expected {expected}")
+def _read_npz(path) -> dict:
+    """The arrays of `save`'s file by name, each read only after its .npy header shows the
+    dtype and the number of dimensions `save` writes and a size the archive really holds
+    (members are stored uncompressed, as `save` writes them, so nothing read is larger
+    than the file)."""
+    expected = {name: (dtype, 1) for name, dtype in _ARRAYS.items()} | {
+        name: (dtype, 0) for name, dtype in _SCALARS.items()}
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            missing = [name for name in expected if name not in members]
+            if missing:
+                raise ValueError(f"the archive has no {', '.join(missing)}")
+            for name, (dtype, ndim) in expected.items():
+                if members[name].compress_type != zipfile.ZIP_STORED:
+                    raise ValueError(f"{name} is compressed; Trie.save stores arrays uncompressed")
+                with archive.open(members[name]) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version not in readers:
+                        raise ValueError(f"{name} has .npy format version {version}")
+                    try:
+                        shape, _, stored = readers[version](member)
+                    except ValueError as error:
+                        raise ValueError(f"{name} has a malformed .npy header ({error})") from None
+                    if stored != np.dtype(dtype) or len(shape) != ndim:
+                        raise ValueError(f"{name} must be a {ndim}-dimensional {np.dtype(dtype).name} array, "
+                                         f"got a {len(shape)}-dimensional {stored} array")
+                    size = math.prod(shape) * stored.itemsize
+                    data = member.read(size) if size <= members[name].compress_size else b""
+                    if len(data) != size:
+                        raise ValueError(f"{name} declares shape {shape} but the archive holds fewer bytes")
+                    arrays[name] = np.frombuffer(bytearray(data), dtype).reshape(shape)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise ValueError(f"it is not a readable .npz archive ({error})") from None
+    return arrays
+
+
+def _check_invariants(trie: Trie) -> tuple[int, int, int]:
+    """Refuse a trie whose fields are not the layout the module docstring describes, with a
+    ValueError naming the field; returns (max_token, max_degree, min_depth).  Vectorised
+    NumPy, O(nodes + items).  The flows are recomputed level by level from the leaves,
+    F(n) = Σ_{x under n} R(x), and must match log_flow and log_z to summation rounding."""
+    eos = trie.eos_token_id
+    if isinstance(eos, bool) or not isinstance(eos, (int, np.integer)) or not 0 <= eos <= np.iinfo(np.int32).max:
+        raise ValueError(f"eos_token_id must be an int in [0, 2^31 - 1], got {eos!r}")
+    if isinstance(trie.log_z, bool) or not isinstance(trie.log_z, (int, float, np.floating)):
+        raise ValueError(f"log_z must be a float, got {describe(trie.log_z)}")
+    for name, dtype in _ARRAYS.items():
+        value = getattr(trie, name)
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.dtype != _TORCH_DTYPES[dtype]:
+            raise ValueError(f"{name} must be a one-dimensional {np.dtype(dtype).name} tensor, got {describe(value)}")
+        if value.device != trie.offsets.device or value.device.type == "meta":
+            raise ValueError(f"{name} is on {value.device}: a trie's arrays share one device that holds data")
+    a = {name: getattr(trie, name).detach().cpu().numpy() for name in _ARRAYS}
+    offsets, tokens, log_flow, levels = a["offsets"], a["tokens"], a["log_flow"], a["level_offsets"]
+    leaf_nodes, leaf_item_offsets, leaf_items, item_leaf = (a[name] for name in (
+        "leaf_nodes", "leaf_item_offsets", "leaf_items", "item_leaf"))
+    nodes, items = log_flow.size, item_leaf.size
+    _require(nodes >= 2, "log_flow", f"must hold one entry per node, at least 2, got {nodes}")
+    for name, size, rule in (("offsets", nodes + 1, "len(log_flow) + 1"), ("tokens", nodes - 1, "len(log_flow) - 1"),
+                             ("leaf_items", items, "len(item_leaf)"), ("item_rewards", items, "len(item_leaf)"),
+                             ("leaf_item_offsets", leaf_nodes.size + 1, "len(leaf_nodes) + 1")):
+        _require(a[name].size == size, name, f"must hold {rule} = {size} entries, got {a[name].size}")
+    _require(items >= 1 and leaf_nodes.size >= 1, "item_leaf", "must hold at least one item")
+    _rising("offsets", offsets, nodes - 1, strict=False)
+    _require(bool((tokens >= 0).all()), "tokens", "must hold token ids >= 0")
+    parent = np.repeat(np.arange(nodes), np.diff(offsets))  # of edge e, i.e. of node e + 1
+    _require(bool((parent < np.arange(1, nodes)).all()), "offsets",
+             "must give every node a parent of a smaller id (a tree numbered breadth-first)")
+    siblings = parent[1:] == parent[:-1]
+    _require(bool((tokens[1:][siblings] > tokens[:-1][siblings]).all()), "tokens",
+             "must hold each node's children in strictly ascending token order")
+    _rising("level_offsets", levels, nodes, strict=True)
+    _require(levels.size >= 3 and np.array_equal(offsets[levels[:-1]] + 1, levels[1:]), "level_offsets",
+             "must bound the depths: the children of the nodes at depth d are the nodes at depth d + 1")
+    _require(np.array_equal(np.flatnonzero(offsets[1:] == offsets[:-1]), leaf_nodes), "leaf_nodes",
+             "must list the childless nodes, ascending")
+    _require(np.array_equal(np.flatnonzero(tokens == eos) + 1, leaf_nodes), "eos_token_id",
+             f"= {eos} must be the token of exactly the edges into the leaves")
+    _rising("leaf_item_offsets", leaf_item_offsets, items, strict=True)
+    _require(bool(((leaf_items >= 0) & (leaf_items < items)).all())
+             and bool((np.bincount(leaf_items, minlength=items) == 1).all()), "leaf_items",
+             "must list every item once")
+    first = np.zeros(items, dtype=bool)
+    first[leaf_item_offsets[:-1]] = True
+    _require(bool((np.diff(leaf_items)[~first[1:]] > 0).all()), "leaf_items", "must be ascending within each leaf")
+    _require(np.array_equal(item_leaf[leaf_items], np.repeat(leaf_nodes, np.diff(leaf_item_offsets))), "item_leaf",
+             "must map each item to the leaf that lists it")
+    rewards = a["item_rewards"]
+    _require(bool((np.isfinite(rewards) & (rewards > 0)).all()), "item_rewards", "must be finite and > 0")
+    flow = np.bincount(item_leaf, weights=rewards, minlength=nodes)
+    for d in range(levels.size - 2, 0, -1):  # depth d's flows into their parents at depth d - 1
+        above, begin, end = levels[d - 1], levels[d], levels[d + 1]
+        flow[above:begin] += np.bincount(parent[begin - 1:end - 1] - above, weights=flow[begin:end],
+                                         minlength=begin - above)
+    _require(bool(np.isfinite(flow[0])), "item_rewards", "must have a finite sum")
+    expected = np.log(flow) - np.log(flow[0])
+    _require(bool((np.abs(log_flow - expected) <= _LOG_FLOW_TOLERANCE).all()), "log_flow",
+             "must be log F(n) − log Z, F(n) the summed item_rewards of the items below node n")
+    _require(abs(trie.log_z - math.log(flow[0])) <= _LOG_FLOW_TOLERANCE, "log_z",
+             f"must be log Σ item_rewards = {math.log(flow[0])!r}, got {trie.log_z!r}")
+    min_depth = int(np.searchsorted(levels, leaf_nodes[0], side="right")) - 1
+    return int(tokens.max()), int(np.diff(offsets).max()), min_depth
+
+
+def _require(holds: bool, name: str, expected: str) -> None:
+    if not holds:
+        raise ValueError(f"{name} {expected}")
+
+
+def _rising(name: str, values: np.ndarray, last: int, strict: bool) -> None:
+    """values[0] = 0, values[-1] = last, rising (strictly or not) in between."""
+    steps = np.diff(values)
+    rising = (steps > 0).all() if strict else (steps >= 0).all()
+    _require(values.size >= 2 and values[0] == 0 and values[-1] == last and bool(rising), name,
+             f"must rise {'strictly ' if strict else ''}from 0 to {last}")

@@ -39,3 +39,16 @@ def test_recommend_benchmark_runs():
                          text=True, check=True, timeout=600).stdout
     assert "| before (d5744dc): chunks of 8 |" in out and "| after: batch_size=8 |" in out
     assert out.count("| 8/8 |") == 4  # every variant ranks as before
+
+
+def test_hostile_inputs_count_runs():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "hostile_inputs.py")], capture_output=True, text=True,
+                         check=True, timeout=600).stdout
+    assert out.endswith("22 hostile calls:\n  clear error: 21\n  correct: 1\n  other error: 0\n  silent: 0\n"
+                        "  crash: 0\n")
+
+
+def test_trie_corruptions_count_runs():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "trie_corruptions.py")], capture_output=True, text=True,
+                         check=True, timeout=600).stdout
+    assert "450 corrupted files:\n" in out and "  accepted, wrong: 0\n  crash: 0\n" in out

@@ -102,6 +102,59 @@ def test_subtb_loss_rejects(changes, error, message):
         call(**changes)
 
 
+OVERFLOW_LOGITS = torch.randn(2, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+OVERFLOW_CASES = {  # the products each argument enters overflow the compute dtype
+    "lam: pair weights past float64": (dict(lam=1e308), r"lam = 1e\+308 is too large for T = 4 positions: the pair "
+                                       r"weights Σ λ\^\(n−m−1\) reach e\^2127.6 and overflow torch.float64"),
+    "lam: pair weights past float32": (dict(lam=1e13, logits=OVERFLOW_LOGITS.float()),
+                                       r"lam = 10000000000000.0 is too large for T = 4 positions: .* overflow torch.float32"),
+    "lam: the loss": (dict(lam=1e307, logits=OVERFLOW_LOGITS[:, :2] * 10, tokens=torch.tensor([[3, 0], [3, 0]])),
+                      r"the loss of trajectory 1 overflows torch.float64: lam = 1e\+307 is too large \(its pair "
+                      r"weights sum to 1e\+307\)"),
+    "a preference that divides to past float32": (
+        dict(logits=OVERFLOW_LOGITS.float(), rewards=torch.tensor([1.0, 1e-300], dtype=torch.float64)),
+        r"rewards\[1\] = 1e-300 is too small: the process log-rewards log r_t / p overflow torch.float32"),
+    "a preference whose loss overflows float64": (
+        dict(rewards=torch.tensor([1e-300, 1.0], dtype=torch.float64)),
+        r"the loss of trajectory 0 overflows torch.float64: its process log-rewards reach 1.39e\+300, from "
+        r"rewards\[0\] too small for pref_mode='div'"),
+    "pref_weight past float64": (dict(pref_mode="add", pref_weight=1e308, rewards=torch.tensor([2.0, 3.0])),
+                                 r"the loss of trajectory 0 overflows torch.float64: its process log-rewards reach "
+                                 r"6.93e\+307, from pref_weight = 1e\+308 too large"),
+    "pref_weight past float32": (dict(logits=OVERFLOW_LOGITS.float(), pref_mode="add", pref_weight=1e308,
+                                      rewards=torch.tensor([2.0, 3.0])),
+                                 r"pref_weight = 1e\+308 is too large: pref_weight·log p with rewards\[0\] = 2.0 "
+                                 r"overflows torch.float32"),
+    "float64 logits of 1e300": (dict(logits=OVERFLOW_LOGITS * 1e300),
+                                r"the loss of trajectory 0 overflows torch.float64: logits\[0, :\] give "
+                                r"log-probabilities down to -.*e\+300: logits must be smaller in magnitude"),
+    "float64 logits of 1e300, Flower form": (dict(logits=OVERFLOW_LOGITS * 1e300, form="flower"),
+                                             r"the loss of trajectory 0 overflows torch.float64: logits\[0, :\]"),
+    "float32 logits of 1e30": (dict(logits=OVERFLOW_LOGITS.float() * 1e30),
+                               r"the loss of trajectory 0 overflows torch.float32: logits\[0, :\]"),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("changes, message", OVERFLOW_CASES.values(), ids=OVERFLOW_CASES.keys())
+def test_subtb_loss_names_what_overflows_on_both_backends(changes, message, backend):
+    with pytest.raises(ValueError, match=message):
+        call(**dict(dict(logits=OVERFLOW_LOGITS, backend=backend), **changes))
+
+
+def test_sums_just_inside_the_compute_dtype_stay_finite():
+    """The bounds above are where overflow starts, not guesses: just inside them the loss and
+    its gradient are finite on both backends."""
+    for backend in ("torch", "triton"):
+        for changes in (dict(lam=1e12), dict(lam=1e5, logits=OVERFLOW_LOGITS.float()),
+                        dict(rewards=torch.tensor([1e-150, 1.0], dtype=torch.float64)),
+                        dict(logits=OVERFLOW_LOGITS * 1e150)):
+            logits = changes.pop("logits", OVERFLOW_LOGITS).clone().requires_grad_()
+            loss = call(logits=logits, backend=backend, **changes)
+            loss.backward()
+            assert torch.isfinite(loss) and bool(torch.isfinite(logits.grad).all()), (backend, changes)
+
+
 def test_the_rejected_cases_pass_once_mended():
     """The unchanged arguments are valid, so each case above fails for its own reason."""
     assert torch.isfinite(call())
@@ -124,6 +177,10 @@ MODIFIED_CASES = {
     "nan where the loss reads": (dict(log_r=torch.tensor([[0.0, float("nan"), 0.0, 0.0], [0.0] * 4])), ValueError,
                                  "log_r holds NaN or inf at a state the loss uses"),
     "lam = 0": (dict(lam=0), ValueError, "lam must be a finite number > 0, got 0"),
+    "lam past float32": (dict(lam=1e20), ValueError, r"lam = 1e\+20 is too large for T = 4 positions"),
+    "pieces whose loss overflows": (dict(log_pf=torch.tensor([[0.0, 3e19, 0.0, 0.0], [0.0] * 4])), ValueError,
+                                    r"the loss of row 0 overflows torch.float32: log_pf, log_pterm and log_r reach "
+                                    r"3e\+19 in magnitude there"),
     "unknown reduction": (dict(reduction="avg"), ValueError, "reduction must be one of 'mean', 'sum', 'none'"),
 }
 
@@ -145,6 +202,10 @@ def test_modified_subtb_loss_reads_nothing_past_lengths():
     (dict(normalize="vocab"), ValueError, "normalize must be one of 'trie', 'full'; got 'vocab'"),
     (dict(tokens=torch.tensor([[1, 3, 0, 0], [3, 0, 0, 0]])), ValueError, r"tokens\[0, 1\] = 3 leaves the trie"),
     (dict(logits=LOGITS[..., :4]), ValueError, "logits have V = 4 columns but the trie holds token id 4"),
+    (dict(logits=torch.tensor([[[0.0, -3e38, 3e38, 0, 0, 0]] * 4] * 2), normalize="full"), ValueError,
+     r"logits\[0, 0\] give log-probabilities \[-inf\] \(token 1\)"),
+    (dict(logits=torch.tensor([[[0.0, 3e38, 2e38, 0, 0, 0]] * 4] * 2), normalize="full"), ValueError,
+     r"logits\[0, :\] give log-probabilities whose sum overflows torch.float32"),
 ])
 def test_sequence_log_probs_rejects(changes, error, message):
     arguments = dict(logits=LOGITS, tokens=TOKENS)

@@ -365,3 +365,75 @@ TRIE = CATALOGUE.trie()
 def test_generation_rejects_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+class FixedLogits(torch.nn.Module):
+    """A model whose next-token logits are `row` at every position."""
+
+    def __init__(self, row):
+        super().__init__()
+        self.row = row
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+        history = input_ids[:, None, :, None].float()
+        past_key_values.update(history, history, 0)
+        return SimpleNamespace(logits=self.row.expand(input_ids.shape[0], input_ids.shape[1], -1))
+
+
+def logits_row(**values):
+    """A (VOCAB,) row of zeros with the given token ids (t5=…) set."""
+    row = torch.zeros(VOCAB)
+    for name, value in values.items():
+        row[int(name[1:])] = value
+    return row
+
+
+NAN_OR_INF = r"the model's logits hold NaN or \+inf at the trie children of row 0: \[{}\]; the trie policy needs finite"
+NO_CHILD = "the model's logits give every child of row 0's trie node −inf: the trie policy has no item to take"
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda model: flowkern.sample(model, [[3]], TRIE), NAN_OR_INF.format("nan")),
+    (lambda model: flowkern.recommend(model, [[3]], TRIE, k=2), NAN_OR_INF.format("nan")),
+], ids=["sample", "recommend"])
+def test_generation_refuses_nan_logits(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(FixedLogits(logits_row(t5=float("nan"))))
+
+
+@pytest.mark.parametrize("row, message", [
+    (logits_row(t7=float("inf")), NAN_OR_INF.format("inf")),
+    (logits_row(t5=-float("inf"), t7=-float("inf"), t11=-float("inf")), NO_CHILD),
+    (logits_row(t3=float("nan")), None),  # not a child of any node: never read
+])
+def test_recommend_and_sample_need_finite_logits_at_the_children(row, message):
+    for call in (lambda model: flowkern.sample(model, [[3]], TRIE), lambda model: flowkern.recommend(model, [[3]], TRIE, k=2)):
+        if message is None:
+            call(FixedLogits(row))
+            continue
+        with pytest.raises(ValueError, match=message):
+            call(FixedLogits(row))
+
+
+def test_logits_processor_checks_pad_token_id_and_scores():
+    processor = flowkern.TrieLogitsProcessor(TRIE, prompt_length=1, pad_token_id=VOCAB)
+    input_ids = torch.tensor([[3], [3]])
+    with pytest.raises(ValueError, match=r"pad_token_id = 40 is not a token id of scores with V = 40 columns"):
+        processor(input_ids, torch.zeros(2, VOCAB))
+    for pad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match=rf"pad_token_id must be None or a token id >= 0, got {pad!r}"):
+            flowkern.TrieLogitsProcessor(TRIE, prompt_length=1, pad_token_id=pad)
+    processor = flowkern.TrieLogitsProcessor(TRIE, prompt_length=1, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"scores hold NaN or \+inf at the trie children of row 1: \[nan\]"):
+        processor(input_ids, torch.stack([logits_row(), logits_row(t7=float("nan"))]))
+    with pytest.raises(ValueError, match=r"scores hold NaN or \+inf at the trie children of row 0: \[inf\]"):
+        processor(input_ids, torch.stack([logits_row(t11=float("inf")), logits_row()]))
+    # a row whose children all score −inf stays −inf; finished rows may take eos or pad; NaN elsewhere is unread
+    scores = torch.stack([logits_row(t5=-float("inf"), t7=-float("inf"), t11=-float("inf")),
+                          logits_row(t3=float("nan"), t9=float("nan"))])
+    out = processor(torch.tensor([[3], [3]]), scores)
+    assert not bool(out.isnan().any()) and bool((out[0] == -float("inf")).all())
+    assert torch.allclose(out[1, [5, 7, 11]].exp().sum(), torch.tensor(1.0))
+    finished = processor(torch.tensor([[3, 11, 1]]), scores[1:])
+    assert (finished[0] > -float("inf")).nonzero().view(-1).tolist() == [0, 1]

@@ -165,6 +165,30 @@ def test_sequence_log_probs_match_the_materialised_path(normalize, with_bias):
     assert_same(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("form", ["process", "flower", "sequence_log_probs"])
+def test_full_softmax_over_several_chunks_of_the_vocabulary(form, monkeypatch):
+    """Chunks of 3 columns (the last one shorter): the online log-sum-exp over all of them,
+    the taken columns from whichever chunk holds them, and the gradient chunk by chunk give
+    the materialised full softmax's values and gradients."""
+    monkeypatch.setattr(head, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(head, "_MIN_CHUNK_COLUMNS", 3)
+    batch = make_batch(SMALL, [0, 1, 2, 3, 4, 1], seed=7, extra_steps=1, extra_vocab=5)
+    vocab = batch.logits.shape[-1]
+    assert vocab % 3 and len(list(head._column_chunks(vocab, 12))) >= 4
+    inputs = head_inputs(batch, 4, True, seed=7)
+    trie = SMALL.trie()
+    if form == "sequence_log_probs":
+        upstream = torch.randn(batch.tokens.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+        got = values_and_grads(lambda h, w, b: flowkern.linear_sequence_log_probs(
+            h, w, trie, tokens=batch.tokens, bias=b, normalize="full"), inputs, upstream)
+        want = values_and_grads(lambda h, w, b: flowkern.sequence_log_probs(
+            materialised(h, w, b), trie, tokens=batch.tokens, normalize="full"), [inputs[0].nan_to_num(), *inputs[1:]],
+            upstream)
+    else:
+        got, want = both_paths(*inputs, trie, batch.tokens, form=form, normalize="full")
+    assert_same(got, want, rtol=1e-9, atol=1e-9)
+
+
 def test_trie_normalisation_reads_only_the_childrens_rows_of_weight():
     """Every row of weight and bias that is no child of a state the batch visits is NaN; the
     trie policy's loss and gradients are untouched and those rows' gradients are 0."""

@@ -1,5 +1,6 @@
 """flowkern.Trie: the C++ builder against the dict-of-dicts oracle, persistence, walking."""
 
+import dataclasses
 import threading
 import time
 
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flowkern
+from tests import corruptions
 from tests.strategies import catalogues, history_free_catalogue, movie_catalogue
 
 INT_ARRAYS = ["offsets", "tokens", "level_offsets", "leaf_nodes", "leaf_item_offsets", "leaf_items", "item_leaf"]
@@ -199,6 +201,8 @@ def test_build_rejects_bad_input(sequences, rewards, eos, error, message):
     ([1, 2, 3], [1, 3], ValueError, r"offsets\[0\] must be 0, got 1"),
     ([1, 2, 3], [0, 2, 1, 3], ValueError, r"offsets must be non-decreasing, but offsets\[2\] < offsets\[1\]"),
     ([1, 2, 3], [0, 3, 3], ValueError, r"tokens\[1\] is empty"),
+    ([5, 6, 7], [0, 100, 3], ValueError, r"offsets\[1\] = 100 is past the end of tokens \(3 tokens\)"),
+    ([5, 6, 7], [0, 2**40, 3], ValueError, r"offsets\[1\] = 1099511627776 is past the end of tokens"),
     ([1, 2**40], [0, 2], ValueError, r"tokens must fit in int32"),
     ([1.5, 2.0], [0, 2], TypeError, "tokens must be integers, got dtype float64"),
     ([[1, 2]], [0, 2], ValueError, r"tokens must be one-dimensional, got shape \(1, 2\)"),
@@ -217,20 +221,72 @@ def test_load_rejects_files_that_are_not_tries(tmp_path):
     arrays = dict(np.load(tmp_path / "good.npz"))
 
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
-    with pytest.raises(ValueError, match="is not a flowkern trie file"):
-        flowkern.Trie.load(tmp_path / "other.npz")
-    np.savez(tmp_path / "future.npz", **dict(arrays, format_version=np.int64(99)))
-    with pytest.raises(ValueError, match="has trie format version 99; this flowkern reads version 1"):
-        flowkern.Trie.load(tmp_path / "future.npz")
-    np.savez(tmp_path / "partial.npz", **{k: v for k, v in arrays.items() if k != "log_flow"})
-    with pytest.raises(ValueError, match=r"is missing trie arrays \['log_flow'\]"):
-        flowkern.Trie.load(tmp_path / "partial.npz")
-    np.savez(tmp_path / "broken.npz", **dict(arrays, item_leaf=np.array([1, 99], dtype=np.int32)))
-    with pytest.raises(ValueError, match="does not hold a consistent trie: expected leaf and item ids in range"):
-        flowkern.Trie.load(tmp_path / "broken.npz")
-    np.savez(tmp_path / "pickled.npz", **dict(arrays, tokens=np.array([[1], "x"], dtype=object)))
-    with pytest.raises(ValueError, match="allow_pickle=False"):
-        flowkern.Trie.load(tmp_path / "pickled.npz")
+    cases = [
+        ("other.npz", "the archive has no offsets, tokens, .*, item_rewards, format_version, eos_token_id, log_z$"),
+        ("future.npz", dict(arrays, format_version=np.int64(99)),
+         "format_version is 99; this flowkern reads version 1"),
+        ("partial.npz", {k: v for k, v in arrays.items() if k not in ("log_flow", "log_z")},
+         "the archive has no log_flow, log_z$"),
+        ("broken.npz", dict(arrays, item_leaf=np.array([1, 99], dtype=np.int32)),
+         "item_leaf must map each item to the leaf that lists it"),
+        ("pickled.npz", dict(arrays, tokens=np.array([[1], "x"], dtype=object)),
+         "tokens must be a 1-dimensional int32 array, got a 1-dimensional object array"),
+        ("wide.npz", dict(arrays, log_flow=arrays["log_flow"].astype(np.float16)),
+         "log_flow must be a 1-dimensional float64 array, got a 1-dimensional float16 array"),
+    ]
+    for name, *content, message in cases:
+        if content:
+            np.savez(tmp_path / name, **content[0])
+        with pytest.raises(ValueError, match=rf"^'{tmp_path / name}' does not hold a flowkern trie: .*{message}"):
+            flowkern.Trie.load(tmp_path / name)
+    np.save(tmp_path / "plain.npy", arrays["tokens"])
+    with pytest.raises(ValueError, match=r"plain.npy' does not hold a flowkern trie: it is not a readable .npz archive"):
+        flowkern.Trie.load(tmp_path / "plain.npy")
+
+
+def test_load_refuses_every_corruption_of_a_file(tmp_path):
+    """tests/corruptions.py's cases (dtypes, shapes, values, orders, scalars, non-archives, a
+    compressed archive, headers that declare more than the file holds): each is a ValueError
+    naming an array of the file, or a file that is a trie of other titles (an edge token
+    changed in order)."""
+    trie = corruptions.sample_trie()
+    outcomes = []
+    for label, blamed, content in corruptions.corruptions(corruptions.saved_arrays(trie, tmp_path)):
+        corruptions.write(tmp_path / "corrupt.npz", content)
+        try:
+            loaded = flowkern.Trie.load(tmp_path / "corrupt.npz")
+        except ValueError as error:
+            assert corruptions.refusal(str(error), blamed) < 2, (label, str(error))
+            outcomes.append(corruptions.refusal(str(error), blamed))
+            continue
+        assert blamed == "tokens" and corruptions.same_trie(loaded, corruptions.rebuilt(loaded)), label
+        outcomes.append("other titles")
+    assert len(outcomes) == 450 and outcomes.count(0) == 436 and outcomes.count("other titles") == 2
+
+
+def test_replaced_arrays_are_checked():
+    """dataclasses.replace runs the same check as the constructor and load."""
+    trie = flowkern.Trie.build([[1, 2], [1], [3]], [1.0, 2.0, 3.0], eos_token_id=0)
+    cases = [
+        (dict(offsets=trie.offsets * 100), "offsets must rise from 0 to 6"),
+        (dict(offsets=trie.offsets.int()), r"offsets must be a one-dimensional int64 tensor, got a torch.int32"),
+        (dict(log_flow=trie.log_flow[:-1]), r"offsets must hold len\(log_flow\) \+ 1 = 7 entries, got 8"),
+        (dict(log_flow=trie.log_flow.clone().fill_(float("nan"))), r"log_flow must be log F\(n\) − log Z"),
+        (dict(tokens=trie.tokens.flip(0)), "tokens must hold each node's children in strictly ascending token order"),
+        (dict(eos_token_id=1), "eos_token_id = 1 must be the token of exactly the edges into the leaves"),
+        (dict(eos_token_id=True), r"eos_token_id must be an int in \[0, 2\^31 - 1\], got True"),
+        (dict(log_z=trie.log_z + 1e-6), "log_z must be log Σ item_rewards"),
+        (dict(log_z="1"), "log_z must be a float, got a str"),
+        (dict(leaf_items=trie.leaf_items.flip(0)), "item_leaf must map each item to the leaf that lists it"),
+        (dict(item_rewards=trie.item_rewards * 2), "log_z must be log Σ item_rewards"),
+        (dict(level_offsets=trie.level_offsets[[0, 1, 2, 4]]), "level_offsets must bound the depths"),
+        (dict(leaf_nodes=trie.leaf_nodes.to("meta")), "leaf_nodes is on meta"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(trie, **change)
+    with pytest.raises(ValueError, match="field max_token is declared with init=False"):
+        dataclasses.replace(trie, max_token=0)  # derived from the arrays, never given
 
 
 @pytest.mark.parametrize("tokens, error, message", [
@@ -243,3 +299,22 @@ def test_walk_rejects_bad_input(tokens, error, message):
     with pytest.raises(error, match=message):
         flowkern.Trie.build([[1, 2], [1]], eos_token_id=0).walk(tokens)
 
+
+
+def test_cpp_walk_checks_the_arrays_before_reading():
+    """The extension's walk on arrays that are not a trie's: an error, never a read out of bounds."""
+    trie = flowkern.Trie.build([[1, 2], [1]], eos_token_id=0)
+    offsets, tokens, log_flow = trie.offsets.numpy(), trie.tokens.numpy(), trie.log_flow.numpy()
+    rows = np.array([[1, 2, 0]])
+    cases = [
+        ((offsets * 100, tokens, log_flow), r"offsets\[0:2\] = \[0, 100\] is not a range of the 4 edges"),
+        ((offsets - 1, tokens, log_flow), r"offsets\[0:2\] = \[-1, 0\] is not a range of the 4 edges"),
+        ((np.array([0, 1, 7, 3, 4, 4]), tokens, log_flow), r"offsets\[1:3\] = \[1, 7\] is not a range"),
+        ((np.array([0, 1, 0, 3, 4, 4]), tokens, log_flow), r"offsets\[1:3\] = \[1, 0\] is not a range"),
+        ((offsets, tokens, log_flow[:2]), r"offsets must hold len\(log_flow\) \+ 1 = 3 entries, got 6"),
+        ((offsets, tokens[:2], log_flow), r"edge_tokens must hold len\(log_flow\) - 1 = 4 entries, got 2"),
+        ((offsets, tokens, log_flow[:0]), "log_flow must be one-dimensional and non-empty"),
+    ]
+    for (offsets_, tokens_, log_flow_), message in cases:
+        with pytest.raises(ValueError, match=message):
+            flowkern.trie._trie.walk(offsets_, tokens_, log_flow_, 0, rows)

@@ -61,7 +61,7 @@ def main():
 
     loaded = load_model(None, seed=0)
     model = loaded.model.eval()
-    task = load_task(os.path.join(ROOT, "data", "amazon", "Movies_and_TV"), loaded.tokenizer)
+    task = load_task("movies", loaded.tokenizer)
     trie, head = task.trie(), linear_head(model)
     prompts = [example.prompt for example in task.test[: args.rows]]
     before = module_at(BEFORE, "flowkern/generation.py").recommend

@@ -34,7 +34,7 @@ def qwen_encoder():
 
 
 def all_titles():
-    with open(os.path.join(HERE, "amazon", "Movies_and_TV", "items.tsv"), newline="") as f:
+    with open(os.path.join(HERE, os.pardir, "flowkern", "assets", "Movies_and_TV", "items.tsv"), newline="") as f:
         titles = {row["title"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
     for name in ("select_100_Movies.json", "select_1500_Movies.json"):
         with open(os.path.join(HERE, "history_free", name)) as f:

@@ -313,7 +313,8 @@ class _Decoder:
             weight, bias = self.head.weight, self.head.bias
             children = _children(nodes, self.trie, lambda tokens, present: head.children_logits(
                 self.state, weight, bias, nodes, self.trie, tokens.shape[1]))
-        _check_children_scores("the model's logits", children.logits, allow_all_minus_inf=False)
+        leaf = self.trie.offsets[nodes + 1] == self.trie.offsets[nodes]  # a parked beam: no child to take
+        _check_children_scores("the model's logits", children.logits, allow_all_minus_inf=leaf)
         return children
 
     def repeat(self, times: int) -> None:
@@ -412,9 +413,10 @@ def _row_values(name, value, rows, device):
 
 def _check_children_scores(name, values, allow_all_minus_inf):
     """`values` (B, ·): the children's logits of each row, −inf elsewhere; NaN or +inf is
-    refused, and so is a row of −inf only unless allowed."""
+    refused, and so is a row of −inf only unless allowed (a bool, or a (B,) bool tensor)."""
     bad = torch.isnan(values) | torch.isposinf(values)
-    empty = torch.zeros_like(bad[:, 0]) if allow_all_minus_inf else (values == float("-inf")).all(1)
+    allowed = torch.as_tensor(allow_all_minus_inf, device=values.device)
+    empty = (values == float("-inf")).all(1) & ~allowed
     if not bool((bad.any(1) | empty).any()):
         return
     b = int((bad.any(1) | empty).nonzero()[0])

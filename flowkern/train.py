@@ -68,13 +68,14 @@ class UsageError(Exception):
 def main(argv=None):
     """Run; a usage or data error is one line on stderr and exit code 2."""
     try:
-        return run(argv)
+        run(argv)
     except (UsageError, DataError) as error:
         print(f"python -m flowkern.train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def run(argv=None):
+    """The run `argv` describes; returns its FlowerTrainer."""
     script, config = parse(sys.argv[1:] if argv is None else argv)
     try:
         loaded = load_model(script.model, seed=config.seed)

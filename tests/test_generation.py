@@ -1,7 +1,6 @@
 """Trie-constrained decoding: mask step, sampler, beam search, Hugging Face processor."""
 
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +14,7 @@ from flowkern.data import load_task
 from flowkern.head import linear_head
 from flowkern.models import load_model
 from reference.generation import isin_mask
-from tests.strategies import DATA, Catalogue, catalogues, tiny_qwen2
+from tests.strategies import Catalogue, catalogues, tiny_qwen2
 
 VOCAB = 40  # every catalogue below uses token ids < 13, so a 40-token model covers them
 CATALOGUE = Catalogue([[5, 6], [5], [7, 8, 9], [5, 6, 10], [7, 8, 9], [11]], [1.0, 2.0, 3.0, 4.0, 2.0, 6.0], eos=1)
@@ -275,7 +274,7 @@ def test_batched_beam_search_ranks_real_prompts_as_one_prompt_at_a_time():
     in any size, the rankings are those of each prompt searched alone, without padding."""
     loaded = load_model(None, seed=0)
     model = loaded.model.eval()
-    task = load_task(os.path.join(DATA, "amazon", "Movies_and_TV"), loaded.tokenizer)
+    task = load_task("movies", loaded.tokenizer)
     trie, head = task.trie(), linear_head(model)
     prompts = [example.prompt for example in task.test[:12]]
     alone = [flowkern.recommend(model, [prompt], trie, k=10, num_beams=10, restricted_head=head) for prompt in prompts]

@@ -404,3 +404,13 @@ def test_help_shows_each_default_once():
     assert "--gfn_weight GFN_WEIGHT, --gfn-weight GFN_WEIGHT" in result.stdout
     assert "(alias --out)" in result.stdout and "(default: runs/default)" in result.stdout
     assert result.stdout.count("(default: runs/default)") == 1
+
+
+def test_the_command_exits_zero_from_another_folder(tmp_path, tiny_model):
+    """`python -m flowkern.train` as a process, run outside the repository: exit code 0."""
+    out = str(tmp_path / "cli")
+    result = subprocess.run([sys.executable, "-m", "flowkern.train", *common(tiny_model, history_free_file(tmp_path),
+                                                                               out), "--max-steps", "1"],
+                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "exact JS" in result.stdout and os.path.exists(os.path.join(out, "final.json"))

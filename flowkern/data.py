@@ -322,6 +322,9 @@ def _tokenise_titles(titles, tokenizer, eos, source) -> list:
         if not ids or eos in ids:
             raise DataError(f"{source}: the title of item {item} ({title!r}) cannot be tokenised as an item: "
                             f"it gives {ids}, which must be non-empty and free of the termination token")
+        if tokenizer.special_ids.intersection(ids):
+            raise DataError(f"{source}: the title of item {item} ({title!r}) holds a special token of the tokenizer "
+                            f"({sorted(tokenizer.special_ids.intersection(ids))}): a title must be plain text")
         tokens.append(ids)
     return tokens
 

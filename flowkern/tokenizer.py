@@ -1,7 +1,7 @@
 """Tokenizers for the trainer: the exact Qwen2/2.5 tokenizer offline, or any Hugging Face one.
 
-Both expose `encode(text) -> list[int]` (no special tokens added), `decode(ids)` and
-`name`.  Titles are encoded on their own, raw (no leading space, no BOS),
+Both expose `encode(text) -> list[int]` (no special tokens added), `decode(ids)`, `name` and
+`special_ids`.  Titles are encoded on their own, raw (no leading space, no BOS),
 and appended to the prompt's ids, so BPE never merges across the prompt/title boundary.
 """
 
@@ -42,6 +42,7 @@ class QwenTokenizer:
         self._encoding = tiktoken.Encoding("qwen2.5", pat_str=QWEN_PATTERN, mergeable_ranks=ranks,
                                            special_tokens=special)
         self.vocab_size = len(ranks) + len(special)
+        self.special_ids = frozenset(special.values())  # never produced by encode: text stays text
 
     def encode(self, text: str) -> list:
         return self._encoding.encode_ordinary(unicodedata.normalize("NFC", text))
@@ -62,6 +63,7 @@ class HFTokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.name = type(tokenizer).__name__
+        self.special_ids = frozenset(tokenizer.all_special_ids)
 
     def encode(self, text: str) -> list:
         return self.tokenizer.encode(text, add_special_tokens=False)

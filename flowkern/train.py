@@ -21,13 +21,13 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 import flowkern
 from flowkern import plots
 from flowkern.data import BUILTIN, DataError, load_preferences, load_task
 from flowkern.models import add_lora, load_model
-from flowkern.trainer import FlowerConfig, FlowerTrainer
-from transformers import TrainerCallback
+from flowkern.trainer import FlowerConfig, FlowerTrainer, ResumeError
 
 EMBEDDED_LR, PRETRAINED_LR = 3e-3, 1e-4
 HISTORY_FREE_STEPS = 120
@@ -109,10 +109,8 @@ def run(argv=None):
                 json.dump(before, f)
     try:
         trainer.train(resume_from_checkpoint=True if script.resume else None)
-    except ValueError as error:
-        if str(error).startswith("resume"):
-            raise UsageError(error) from None
-        raise
+    except ResumeError as error:
+        raise UsageError(error) from None
     trainer.save_model()
     trainer.evaluate(examples, metric_key_prefix=split)
     if main_process:
@@ -199,8 +197,7 @@ def _config_flags(parser, path) -> list:
     for name, value in values.items():
         if name not in known or name == "config":
             raise UsageError(f"--config {path}: unknown field {name!r}")
-        for item in value if isinstance(value, list) else [value]:
-            flags += [f"--{name}", str(item)] if not isinstance(value, list) or item is value[0] else [str(item)]
+        flags += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
     return flags
 
 

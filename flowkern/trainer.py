@@ -19,6 +19,7 @@ history-free, the exact title distribution (KL both ways, JS) and a sampled one.
     print(trainer.evaluate(task.test, metric_key_prefix="test"))
 """
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer_utils import TrainOutput
 
 import flowkern
 from flowkern import checkpoints, metrics
@@ -34,6 +36,10 @@ from flowkern.head import linear_head
 from flowkern.models import forward_parameters
 
 RUN_SETTINGS = "flowkern_run.json"  # in each checkpoint: what a resume must not change silently
+
+
+class ResumeError(ValueError):
+    """A resume that cannot continue the run as it was: no complete checkpoint, or changed settings."""
 
 
 def default_gfn_weight(task) -> float:
@@ -317,16 +323,21 @@ class FlowerTrainer(Trainer):
         """As Trainer.train; `resume_from_checkpoint=True` takes the newest *complete*
         checkpoint of output_dir (incomplete ones, left by a kill, are removed), and a resume
         whose learning rate, batch size, accumulation, processes, seed, w or data differ
-        from the checkpoint's is refused with a ValueError naming them."""
+        from the checkpoint's is refused with a ResumeError (a ValueError) naming them."""
         if resume_from_checkpoint is True:
             if self.args.should_save:
                 checkpoints.remove_incomplete(self.args.output_dir)
             self.accelerator.wait_for_everyone()
             resume_from_checkpoint = checkpoints.last_complete(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"resume: no complete checkpoint in {self.args.output_dir}")
+                raise ResumeError(f"resume: no complete checkpoint in {self.args.output_dir}")
         if resume_from_checkpoint is not None:
             self._check_resume(resume_from_checkpoint)
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+            if 0 < self.args.max_steps <= state.global_step:  # the Trainer would take one step more
+                self._load_from_checkpoint(resume_from_checkpoint)
+                self.state = state
+                return TrainOutput(state.global_step, 0.0, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _run_settings(self):
@@ -336,8 +347,6 @@ class FlowerTrainer(Trainer):
                 "data": self.task.fingerprint()}
 
     def _check_resume(self, directory):
-        import json
-
         try:
             with open(os.path.join(directory, RUN_SETTINGS)) as f:
                 saved = json.load(f)
@@ -346,14 +355,12 @@ class FlowerTrainer(Trainer):
         changed = [f"{name} {saved[name]!r} -> {value!r}" for name, value in self._run_settings().items()
                    if name in saved and saved[name] != value]
         if changed:
-            raise ValueError(f"resume from {directory}: refused, the run changed ({'; '.join(changed)}); use the "
+            raise ResumeError(f"resume from {directory}: refused, the run changed ({'; '.join(changed)}); use the "
                              f"checkpoint's values or start a new run in another output_dir")
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint, then its manifest (flowkern.checkpoints), then rotation:
         older checkpoints are deleted only once the new one is complete."""
-        import json
-
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)

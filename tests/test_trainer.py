@@ -230,14 +230,22 @@ def partial_manifest(out, resumed):
               os.path.join(resumed, "checkpoint-4", checkpoints.MANIFEST + ".tmp"))
 
 
-@pytest.mark.parametrize("damage", [lambda out, resumed: None, partial_save, partial_rotation, partial_manifest],
-                         ids=["clean", "kill-during-save", "kill-during-rotation", "kill-before-rename"])
+def finished(out, resumed):
+    """Killed after the last checkpoint: resuming trains nothing (the Trainer alone would
+    take a step more)."""
+    shutil.copytree(os.path.join(out, "checkpoint-4"), os.path.join(resumed, "checkpoint-4"))
+
+
+@pytest.mark.parametrize("damage", [lambda out, resumed: None, partial_save, partial_rotation, partial_manifest,
+                                    finished],
+                         ids=["clean", "kill-during-save", "kill-during-rotation", "kill-before-rename", "finished"])
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiny_model, straight, damage):
     resumed = resume_from(tmp_path, tiny_model, straight, damage)
     assert_same_weights(weights_of(resumed), weights_of(straight[1]))
     assert_same_weights(weights_of(os.path.join(resumed, "checkpoint-4")),
                         weights_of(os.path.join(straight[1], "checkpoint-4")))
-    assert [r["loss"] for r in train_records(resumed)] == [r["loss"] for r in train_records(straight[1])][2:]
+    expected = [] if damage is finished else [r["loss"] for r in train_records(straight[1])][2:]
+    assert [r["loss"] for r in train_records(resumed)] == expected
     assert read(resumed, "final.json")["after"] == read(straight[1], "final.json")["after"]
 
 
@@ -250,27 +258,29 @@ def test_resume_that_changes_the_run_is_refused(tmp_path, tiny_model, straight, 
     assert "refused" in errors[0] and "learning_rate 0.0001 -> 0.01" in errors[0] and "batch_size 4 -> 2" in errors[0]
 
 
-def test_a_real_kill_minus_nine_then_resume(tmp_path, tiny_model, straight):
+def test_a_real_kill_minus_nine_then_resume(tmp_path, tiny_model):
     """SIGKILL the command line at a random point of a run that saves every step, then
-    --resume: the final weights equal the uninterrupted run's."""
-    data, out = straight
-    killed = str(tmp_path / "killed")
-    command = [sys.executable, "-m", "flowkern.train", *common(tiny_model, data, killed), "--max-steps", "4",
-               "--save-every", "1", "--save_total_limit", "1"]
-    env = {**os.environ, "PYTHONPATH": ROOT}  # the same threads as this process: the same float sums
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):  # until a checkpoint exists, then a little more
-        if checkpoints.last_complete(killed) is not None:
-            break
-        if process.poll() is not None:
+    --resume: the final weights equal an uninterrupted run's (all runs are processes with
+    one thread, so that their float sums agree)."""
+    data = write_dataset(str(tmp_path / "data"))
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "flowkern.train", *common(tiny_model, data, out), "--max-steps", "4",
+                "--save-every", "1", "--save_total_limit", "1", *extra]
+
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    subprocess.run(command(straight), env=env, check=True, capture_output=True)
+    process = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):  # until a checkpoint exists, then a random while more
+        if checkpoints.last_complete(killed) is not None or process.poll() is not None:
             break
         subprocess.run(["sleep", "0.1"])
     subprocess.run(["sleep", str(np.random.default_rng().uniform(0, 1.5))])
     process.kill()
     process.wait()
-    main(common(tiny_model, data, killed) + ["--max-steps", "4", "--save-every", "1", "--save_total_limit", "1",
-                                             "--resume"])
-    assert_same_weights(weights_of(killed), weights_of(out))
+    subprocess.run(command(killed, "--resume"), env=env, check=True, capture_output=True)
+    assert_same_weights(weights_of(killed), weights_of(straight))
 
 
 # ---- several processes --------------------------------------------------------------------------
@@ -355,6 +365,22 @@ def test_prompt_template_max_history_and_chat_template(tmp_path, tiny_model):
     assert prompt_of(chat, HFTokenizer(AutoTokenizer.from_pretrained(tiny_model))).startswith("<user>### Instruction")
     with pytest.raises(DataError, match="has no chat template"):
         load_task(data, tokenizer, chat_template=True)
+
+
+def test_titles_that_are_special_tokens(tmp_path, tiny_model):
+    """Qwen's tokenizer reads every title as text (a special token's name stays characters);
+    a Hugging Face tokenizer that would turn a title into a control token is refused."""
+    from transformers import AutoTokenizer
+
+    from flowkern.tokenizer import HFTokenizer
+
+    path = tmp_path / "counts.json"
+    path.write_text(json.dumps({"<|endoftext|>": 3, "Alien": 2}))
+    task = load_task(str(path), QwenTokenizer())
+    assert not QwenTokenizer().special_ids.intersection(task.item_tokens[0])
+    path.write_text(json.dumps({"Alien": 3, "<|end|>": 2}))
+    with pytest.raises(DataError, match=r"counts.json: the title of item 1 \('<\|end\|>'\) holds a special token"):
+        load_task(str(path), HFTokenizer(AutoTokenizer.from_pretrained(tiny_model)))
 
 
 # ---- the command line's errors -------------------------------------------------------------------------

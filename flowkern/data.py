@@ -118,7 +118,7 @@ def load_task(path, tokenizer, *, item_noun=None, prompt_template=None, max_hist
                       required), {item}, {items}, {a_item}, {done} and {do}
     max_history:      keep each history's N most recent items (the oldest are dropped)
     chat_template:    wrap the prompt as a user message in the tokenizer's chat template"""
-    path = EMBEDDED if path is None else BUILTIN.get(os.fspath(path), os.fspath(path))
+    path = resolve(path)
     if max_history is not None and max_history < 1:
         raise DataError(f"max_history must be >= 1, got {max_history}")
     if os.path.isdir(path):
@@ -140,6 +140,15 @@ def load_task(path, tokenizer, *, item_noun=None, prompt_template=None, max_hist
     if mode == "history":
         return _load_history(path, tokenizer, eos, encode, max_history)
     return _load_history_free(path, tokenizer, eos, encode)
+
+
+def resolve(path) -> str:
+    """The file or directory `--data path` names: a path that exists, else a shipped set
+    (BUILTIN); None is the embedded history-free file."""
+    if path is None:
+        return EMBEDDED
+    path = os.fspath(path)
+    return path if os.path.exists(path) else BUILTIN.get(path, path)
 
 
 def _domain_words(path, item_noun) -> dict:

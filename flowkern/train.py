@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 import flowkern
 from flowkern import plots
-from flowkern.data import BUILTIN, DataError, load_preferences, load_task
+from flowkern.data import BUILTIN, DataError, load_preferences, load_task, resolve
 from flowkern.models import add_lora, load_model
 from flowkern.trainer import FlowerConfig, FlowerTrainer, ResumeError
 
@@ -204,8 +204,8 @@ def _config_flags(parser, path) -> list:
 def _check(script, values):
     """Refuse missing paths and conflicting options before any model is loaded; returns
     whether the data has history."""
-    if script.data is not None and script.data not in BUILTIN and not os.path.exists(script.data):
-        raise ValueError(f"--data {script.data}: no such file or directory")
+    if script.data is not None and not os.path.exists(resolve(script.data)):
+        raise ValueError(f"--data {script.data}: no such file or directory (nor a shipped set: {sorted(BUILTIN)})")
     for name in ("pref_scores", "prompt_template"):
         path = getattr(script, name)
         if path is not None and not os.path.isfile(path):
@@ -214,7 +214,7 @@ def _check(script, values):
         raise ValueError(f"--model {script.model}: no such file or directory")
     if script.objective == "sft" and values.get("gfn_weight") not in (None, 0.0):
         raise ValueError(f"--objective sft trains with w = 0; --gfn-weight {values['gfn_weight']} contradicts it")
-    history = script.data is not None and os.path.isdir(BUILTIN.get(script.data, script.data))
+    history = os.path.isdir(resolve(script.data))
     if script.pref_scores and not history:
         raise ValueError("--pref-scores personalises rewards per training row: it needs a data set with history")
     if script.resume and not os.path.isdir(values.get("output_dir") or ""):

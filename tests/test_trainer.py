@@ -345,6 +345,14 @@ def test_prompts_follow_the_domain(tmp_path):
     assert "Recommend an item." in prompt_of(load_task(history_free_file(tmp_path), tokenizer))
 
 
+def test_a_local_folder_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_dataset(str(tmp_path / "movies"))
+    assert load_task("movies", QwenTokenizer()).titles == TITLES
+    monkeypatch.chdir(ROOT)
+    assert len(load_task("movies", QwenTokenizer()).titles) == 2653
+
+
 def test_prompt_template_max_history_and_chat_template(tmp_path, tiny_model):
     from transformers import AutoTokenizer
 
@@ -393,7 +401,7 @@ def test_titles_that_are_special_tokens(tmp_path, tiny_model):
     (["--batch-size", "0"], "per_device_train_batch_size must be >= 1"),
     (["--objective", "sft", "--gfn-weight", "0.5"], "--objective sft trains with w = 0; --gfn-weight 0.5"),
     (["--pref-scores", "README.md"], "--pref-scores personalises rewards per training row: it needs a data set"),
-    (["--data", "nowhere/at/all"], "--data nowhere/at/all: no such file or directory"),
+    (["--data", "nowhere/at/all"], "--data nowhere/at/all: no such file or directory (nor a shipped set"),
     (["--model", "nowhere/model"], "--model nowhere/model: no such file or directory"),
     (["--config", "missing.yaml"], "--config missing.yaml: cannot read it"),
 ])

@@ -134,3 +134,10 @@ def trainer_step(trainer):
     trainer.training_step(trainer.model, next(trainer.batches))
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def print_counts(what, counts, outcomes):
+    """'N <what>:' then one '  outcome: count' line per outcome, in order (zeros included)."""
+    print(f"{sum(counts.values())} {what}:")
+    for name in outcomes:
+        print(f"  {name}: {counts[name]}")

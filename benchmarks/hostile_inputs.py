@@ -26,6 +26,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import print_counts  # noqa: E402
 import flowkern  # noqa: E402
 
 OUTCOMES = ("clear error", "correct", "other error", "silent", "crash")
@@ -139,9 +142,7 @@ def main():
         counts[result] += 1
         if args.list:
             print(f"{result}: {label}")
-    print(f"{sum(counts.values())} hostile calls:")
-    for name in OUTCOMES:
-        print(f"  {name}: {counts[name]}")
+    print_counts("hostile calls", counts, OUTCOMES)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-import flowkern
-from flowkern.trie import _check_invariants
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import print_counts  # noqa: E402
+import flowkern  # noqa: E402
+from flowkern.trie import _check_invariants  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("corruptions", Path(__file__).resolve().parents[1] / "tests" /
                                                "corruptions.py")
@@ -98,9 +101,7 @@ def main():
             counts[OUTCOMES[result]] += 1
             if args.list and result:
                 print(f"{OUTCOMES[result]}: {label}")
-    print(f"{sum(counts.values())} corrupted files:")
-    for name in OUTCOMES:
-        print(f"  {name}: {counts[name]}")
+    print_counts("corrupted files", counts, OUTCOMES)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,8 @@ class FlowerTrainer(Trainer):
         self.keep_logits = "logits_to_keep" in forward_parameters(model)
         self.evaluation = {}  # the last evaluation's full result (lists included), for the artefacts
         self._micro = (-1, 0)  # (global step, micro-batch within it) of the last compute_loss
-        self._parts = torch.zeros(3, dtype=torch.float64)  # Σ SFT, Σ SubTB, micro-batches since the last log
+        self._parts = torch.zeros(3, dtype=torch.float64, device=self.args.device)  # Σ SFT, Σ SubTB, micro-batches
+        self._fingerprint = task.fingerprint()  # the data a resume must match, hashed once
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class FlowerTrainer(Trainer):
         sft = -log_p.sum() / sum(len(c) for c in continuations[:n])
         subtb = self._subtb(scores[n:], tokens[n:], rewards) if w > 0 else sft.new_zeros(())
         loss = (1 - w) * sft + w * subtb
-        self._parts += torch.tensor([float(sft.detach()), float(subtb.detach()), 1.0], dtype=torch.float64)
+        self._parts += torch.stack([sft.detach(), subtb.detach(), torch.ones_like(sft)]).double()  # no host sync
         return (loss, {"sft": sft, "subtb": subtb}) if return_outputs else loss
 
     def _rollouts(self, prompts):
@@ -188,7 +189,7 @@ class FlowerTrainer(Trainer):
         """The Trainer's logs, with the SFT and SubTB terms averaged over the micro-batches
         since the last log and over the processes."""
         if "loss" in logs:
-            parts = self.accelerator.reduce(self._parts.to(self.args.device), reduction="sum").cpu()
+            parts = self.accelerator.reduce(self._parts, reduction="sum").cpu()
             if parts[2] > 0:
                 logs["sft"], logs["subtb"] = float(parts[0] / parts[2]), float(parts[1] / parts[2])
             self._parts.zero_()
@@ -344,7 +345,7 @@ class FlowerTrainer(Trainer):
         return {"learning_rate": self.args.learning_rate, "batch_size": self.args.per_device_train_batch_size,
                 "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
                 "world_size": self.args.world_size, "seed": self.args.seed, "gfn_weight": self.args.gfn_weight,
-                "data": self.task.fingerprint()}
+                "data": self._fingerprint}
 
     def _check_resume(self, directory):
         try:

@@ -413,6 +413,35 @@ def test_command_line_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert len(error.splitlines()) == 1 and message in error, error
 
 
+def test_trainer_and_loader_bad_inputs(tmp_path, tiny_model):
+    """What the Python API refuses, each with its type and message."""
+    from transformers import TrainingArguments
+
+    from flowkern.models import load_model
+    from flowkern.trainer import FlowerConfig, FlowerTrainer
+
+    loaded = load_model(tiny_model, seed=0)
+    data = write_dataset(str(tmp_path / "data"))
+    task = load_task(data, loaded.tokenizer)
+    config = FlowerConfig(output_dir=str(tmp_path / "out"), report_to=["none"])
+    with pytest.raises(TypeError, match="args must be a flowkern.FlowerConfig, got TrainingArguments"):
+        FlowerTrainer(loaded.model, TrainingArguments(output_dir=str(tmp_path / "out")), task)
+    with pytest.raises(ValueError, match=r"preferences need a task with history and shape .* = \(12, 6\), got \(5, 6\)"):
+        FlowerTrainer(loaded.model, config, task, torch.ones(5, 6))
+    with pytest.raises(ValueError, match="resume: no complete checkpoint in"):
+        FlowerTrainer(loaded.model, config, task).train(resume_from_checkpoint=True)
+    for options, message in (({"num_beams": 5}, "num_beams must be >= 10"), ({"lam": 0.0}, "lam must be a finite"),
+                             ({"eval_limit": 0}, "eval_limit must be >= 1"),
+                             ({"eval_temperature": float("inf")}, "eval_temperature must be a finite")):
+        with pytest.raises(ValueError, match=message):
+            FlowerConfig(output_dir=str(tmp_path / "out"), **options)
+    with pytest.raises(DataError, match="max_history must be >= 1, got 0"):
+        load_task(data, loaded.tokenizer, max_history=0)
+    (tmp_path / "data" / "meta.json").write_text('{"colour": "red"}')
+    with pytest.raises(DataError, match=r"meta.json: expected an object of non-empty strings with keys among"):
+        load_task(data, loaded.tokenizer)
+
+
 def test_config_files(tmp_path, tiny_model, capsys):
     data = write_dataset(str(tmp_path / "data"))
     config = tmp_path / "run.yaml"

@@ -1,5 +1,5 @@
 """Recommendation tasks for the trainer: items, prompts, rewards, popularity groups, and
-the auxiliary recommender's preference scores (`load_preferences`).
+the auxiliary recommender's preference scores (`load_preferences`, `normalise_preferences`).
 
 Two modes, as in the Flower paper (arXiv 2503.07377, Sec. 4):
   with history   a directory in the BIGRec/D3/Flower layout: items.tsv (item_id<TAB>title)
@@ -59,6 +59,7 @@ class DataError(ValueError):
 class Example:
     prompt: list          # prompt token ids
     target: int = -1      # the next item's id (−1: none, history-free)
+    history: tuple = ()   # the history's item ids, oldest first (with history)
 
 
 @dataclass
@@ -90,22 +91,26 @@ class Task:
         return self.train_counts / self.train_counts.sum()
 
     def popularity_groups(self) -> tuple:
-        """(group of each item, p_train per group): titles sorted by their training-history
-        count (descending, ties by first appearance), cut into 8 equal-size groups; titles
-        never seen in training histories join the least popular group.  p_train(g) is the
-        share of training-history interactions in group g."""
-        title_count = {}
-        for title, count in zip(self.titles, self.train_counts):
-            title_count[title] = title_count.get(title, 0) + int(count)
-        seen = sorted((t for t in title_count if title_count[t] > 0), key=lambda t: -title_count[t])
-        group_of_title = {t: NUM_GROUPS - 1 for t in title_count}
-        for g, chunk in enumerate(np.array_split(np.arange(len(seen)), NUM_GROUPS)):
-            for i in chunk:
-                group_of_title[seen[i]] = g
-        share = np.zeros(NUM_GROUPS)
-        for title, count in title_count.items():
-            share[group_of_title[title]] += count
-        return np.array([group_of_title[t] for t in self.titles]), share / share.sum()
+        return popularity_groups(self.titles, self.train_counts)
+
+
+def popularity_groups(titles, train_counts) -> tuple:
+    """(group of each item, p_train per group): titles sorted by their training-history
+    count (descending, ties by first appearance), cut into 8 equal-size groups; titles
+    never seen in training histories join the least popular group.  p_train(g) is the
+    share of training-history interactions in group g."""
+    title_count = {}
+    for title, count in zip(titles, train_counts):
+        title_count[title] = title_count.get(title, 0) + int(count)
+    seen = sorted((t for t in title_count if title_count[t] > 0), key=lambda t: -title_count[t])
+    group_of_title = {t: NUM_GROUPS - 1 for t in title_count}
+    for g, chunk in enumerate(np.array_split(np.arange(len(seen)), NUM_GROUPS)):
+        for i in chunk:
+            group_of_title[seen[i]] = g
+    share = np.zeros(NUM_GROUPS)
+    for title, count in title_count.items():
+        share[group_of_title[title]] += count
+    return np.array([group_of_title[t] for t in titles]), share / share.sum()
 
 
 def load_task(path, tokenizer, *, item_noun=None, prompt_template=None, max_history=None,
@@ -227,18 +232,30 @@ def _load_history_free(path, tokenizer, eos, encode) -> Task:
                 eos, [Example(encode())], [], [])
 
 
-def _load_history(directory, tokenizer, eos, encode, max_history) -> Task:
+def read_history_data(directory) -> tuple:
+    """(titles, {"train"|"valid"|"test": [(history item ids, next item id)]}) of a data
+    directory with history, checked as load_task checks it; no tokenizer needed."""
     titles = _read_items(os.path.join(directory, "items.tsv"))
-    splits = {name: _read_rows(os.path.join(directory, f"{name}.csv"), len(titles))
-              for name in ("train", "valid", "test")}
-    counts = np.zeros(len(titles))
-    for history, _ in splits["train"]:
+    return titles, {name: _read_rows(os.path.join(directory, f"{name}.csv"), len(titles))
+                    for name in ("train", "valid", "test")}
+
+
+def history_counts(num_items, train_rows) -> np.ndarray:
+    """Each item's occurrences in the training histories."""
+    counts = np.zeros(num_items)
+    for history, _ in train_rows:
         np.add.at(counts, history, 1)
+    return counts
+
+
+def _load_history(directory, tokenizer, eos, encode, max_history) -> Task:
+    titles, splits = read_history_data(directory)
+    counts = history_counts(len(titles), splits["train"])
     quoted = [f'"{t}"' for t in titles]
 
     def examples(rows):
-        return [Example(encode(", ".join(quoted[i] for i in history[-max_history if max_history else 0:])), target)
-                for history, target in rows]
+        return [Example(encode(", ".join(quoted[i] for i in history[-max_history if max_history else 0:])), target,
+                        tuple(history)) for history, target in rows]
 
     return Task("history", directory, titles, _tokenise_titles(titles, tokenizer, eos, "items.tsv"), counts + 1.0,
                 counts, eos, examples(splits["train"]), examples(splits["valid"]), examples(splits["test"]))
@@ -339,19 +356,25 @@ def _tokenise_titles(titles, tokenizer, eos, source) -> list:
 
 
 def load_preferences(path, mode, task):
-    """Per-row normalised preference scores (Sec. 3.3.3): div: (s − mean)/(max − min) + 1,
-    add: (s − min)/(max − min) + 0.5; rows with max = min become all 1; clamped at 1e-3."""
+    """The .npy (train rows, items) of an auxiliary recommender's scores, normalised per row
+    (normalise_preferences)."""
     scores = np.load(path)
     expected = (len(task.train), len(task.titles))
     if scores.shape != expected:
         raise DataError(f"--pref-scores {path}: expected shape (train rows, items) = {expected}, got {scores.shape}")
     if not np.isfinite(scores).all():
         raise DataError(f"--pref-scores {path}: holds NaN or inf")
-    low, high = scores.min(1, keepdims=True), scores.max(1, keepdims=True)
-    spread = np.where(high > low, high - low, 1.0)
+    return normalise_preferences(torch.from_numpy(scores), mode)
+
+
+def normalise_preferences(scores, mode):
+    """Preference scores p > 0 from each row of an auxiliary recommender's scores s (Sec. 3.3.3,
+    as published): div: (s − mean)/(max − min) + 1, add: (s − min)/(max − min) + 0.5; rows
+    with max = min become all 1; clamped at 1e-3."""
+    low, high = scores.amin(1, keepdim=True), scores.amax(1, keepdim=True)
+    spread = torch.where(high > low, high - low, torch.ones_like(high))
     if mode == "div":
-        normalised = (scores - scores.mean(1, keepdims=True)) / spread + 1.0
+        normalised = (scores - scores.mean(1, keepdim=True)) / spread + 1.0
     else:
         normalised = (scores - low) / spread + 0.5
-    normalised = np.where(high > low, normalised, 1.0)
-    return torch.from_numpy(np.maximum(normalised, 1e-3))
+    return torch.where(high > low, normalised, torch.ones_like(normalised)).clamp(min=1e-3)

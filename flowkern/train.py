@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 import flowkern
 from flowkern import plots
-from flowkern.data import BUILTIN, DataError, load_preferences, load_task, resolve
+from flowkern.data import BUILTIN, DataError, load_preferences, load_task, read_history_data, resolve
 from flowkern.models import add_lora, load_model
 from flowkern.trainer import FlowerConfig, FlowerTrainer, ResumeError
 
@@ -50,6 +50,12 @@ class ScriptArguments:
     objective: Literal["flower", "sft"] = field(default="flower", metadata={"help": "sft: the BIGRec baseline, w = 0"})
     lora_r: Optional[int] = field(default=None, metadata={
         "help": "LoRA rank; 0 trains every weight. Default: 8 for pretrained models, 0 for the embedded one"})
+    pref: Optional[Literal["sasrec"]] = field(default=None, metadata={
+        "help": "with history: personalise the reward with a SASRec's scores of each row's history, computed "
+                "when the row is used (trained on the data, or cached; see --pref-model)"})
+    pref_model: Optional[str] = field(default=None, metadata={
+        "help": "with --pref sasrec: a directory from python -m flowkern.sasrec --out DIR (default: train one "
+                "for the data and --seed, cached under $FLOWKERN_CACHE or ~/.cache/flowkern)"})
     pref_scores: Optional[str] = field(default=None, metadata={
         "help": "with history: a .npy (train rows x items) of preference scores from an auxiliary recommender"})
     item_noun: Optional[str] = field(default=None, metadata={
@@ -84,15 +90,16 @@ def run(argv=None):
     task = load_task(script.data, loaded.tokenizer, item_noun=script.item_noun,
                      prompt_template=script.prompt_template, max_history=script.max_history,
                      chat_template=script.chat_template)
-    preferences = load_preferences(script.pref_scores, config.pref_mode, task) if script.pref_scores else None
+    preferences = _preferences(script, config, task)
     lora_r = script.lora_r if script.lora_r is not None else (8 if loaded.pretrained else 0)
     model = add_lora(loaded.model, lora_r) if lora_r > 0 else loaded.model
     if config.gradient_checkpointing:
         config.gradient_checkpointing_kwargs = {"use_reentrant": False}
     trainer = FlowerTrainer(model, config, task, preferences, processing_class=loaded.tokenizer,
                             callbacks=[JsonLines(os.path.join(config.output_dir, "metrics.jsonl"), script.resume)])
-    split = "test" if task.mode == "history" else "all"
-    examples = task.test if task.mode == "history" else None
+    # With history the model is chosen on valid (before and during training, and at the end)
+    # and test is read once, by the final model; history-free there is one distribution.
+    history = task.mode == "history"
     main_process = trainer.is_world_process_zero()
     started = time.time()
     if main_process:
@@ -102,7 +109,7 @@ def run(argv=None):
         with open(before_path) as f:
             before = json.load(f)
     else:
-        trainer.evaluate(examples, metric_key_prefix=split)
+        trainer.evaluate(metric_key_prefix="eval" if history else "all")
         before = summary(trainer.evaluation)
         if main_process:
             with open(before_path, "w") as f:
@@ -112,10 +119,36 @@ def run(argv=None):
     except ResumeError as error:
         raise UsageError(error) from None
     trainer.save_model()
-    trainer.evaluate(examples, metric_key_prefix=split)
+    valid = None
+    if history:
+        trainer.evaluate(metric_key_prefix="eval")
+        valid = summary(trainer.evaluation)
+        trainer.evaluate(task.test, metric_key_prefix="test")
+    else:
+        trainer.evaluate(metric_key_prefix="all")
     if main_process:
-        write_results(config.output_dir, task, trainer.evaluation, before, time.time() - started)
+        write_results(config.output_dir, task, trainer, before, valid, time.time() - started)
     return trainer
+
+
+def _preferences(script, config, task):
+    """The preference scores --pref or --pref-scores asks for, or None."""
+    if script.pref_scores:
+        return load_preferences(script.pref_scores, config.pref_mode, task)
+    if script.pref != "sasrec":
+        return None
+    from flowkern import sasrec
+
+    titles, splits = read_history_data(task.source)
+    device = config.device
+    if script.pref_model:
+        model, report = sasrec.load(script.pref_model, titles, splits, device)
+        sasrec.warn_unless_better(report)
+    else:
+        model, report = sasrec.trained(titles, splits, sasrec.SASRecConfig(seed=config.seed), device)
+    print(f"flowkern.train: SASRec preferences ({config.pref_mode}), valid NDCG@10 {report['valid']['NDCG@10']:.4f}, "
+          f"test NDCG@10 {report['test']['NDCG@10']:.4f}", flush=True)
+    return sasrec.SASRecPreferences(model, [example.history for example in task.train], config.pref_mode, device)
 
 
 def parse(argv):
@@ -215,8 +248,18 @@ def _check(script, values):
     if script.objective == "sft" and values.get("gfn_weight") not in (None, 0.0):
         raise ValueError(f"--objective sft trains with w = 0; --gfn-weight {values['gfn_weight']} contradicts it")
     history = os.path.isdir(resolve(script.data))
-    if script.pref_scores and not history:
-        raise ValueError("--pref-scores personalises rewards per training row: it needs a data set with history")
+    for name in ("pref_scores", "pref"):
+        if getattr(script, name) and not history:
+            raise ValueError(f"--{name.replace('_', '-')} personalises rewards per training row: it needs a data set "
+                             f"with history")
+    if script.pref and script.pref_scores:
+        raise ValueError("--pref and --pref-scores both give preference scores: choose one")
+    if script.pref_model and script.pref != "sasrec":
+        raise ValueError("--pref-model is the SASRec of --pref sasrec: give both")
+    if script.pref_model and not os.path.isdir(script.pref_model):
+        raise ValueError(f"--pref-model {script.pref_model}: no such directory")
+    if (script.pref or script.pref_scores) and (script.objective == "sft" or values.get("gfn_weight") == 0.0):
+        raise ValueError("preference scores personalise the SubTB reward: with w = 0 (SFT) there is none")
     if script.resume and not os.path.isdir(values.get("output_dir") or ""):
         raise ValueError(f"--resume: no run directory {values.get('output_dir')}")
     return history
@@ -259,26 +302,37 @@ def write_config(config, script, loaded, task, trainer, lora_r):
           f"{'restricted' if trainer.head is not None else 'full (' + trainer.full_head_because + ')'}", flush=True)
 
 
-def write_results(out, task, evaluation, before, seconds):
-    """final.json, predictions.jsonl or samples.json, the plot, and the before/after table."""
+def write_results(out, task, trainer, before, valid, seconds):
+    """final.json, predictions.jsonl or samples.json, the plot, and the table of results.
+    With history: before = valid at step 0, valid = valid of the final (selected) model,
+    after = its test; history-free: the distribution before and after."""
+    evaluation = trainer.evaluation
     after = summary(evaluation)
+    record = {"before": before, "after": after, "seconds": seconds}
+    if valid is not None:
+        state = trainer.state
+        record.update(before_split="valid", valid=valid, after_split="test",
+                      best={"metric": trainer.args.metric_for_best_model, "value": state.best_metric,
+                            "checkpoint": state.best_model_checkpoint, "steps": state.global_step})
     with open(os.path.join(out, "final.json"), "w") as f:
-        json.dump({"before": before, "after": after, "seconds": seconds}, f, indent=1)
+        json.dump(record, f, indent=1)
     if task.mode == "history":
         with open(os.path.join(out, "predictions.jsonl"), "w") as f:
             for row in evaluation["predictions"]:
                 f.write(json.dumps(row) + "\n")
         plots.popularity_shares(os.path.join(out, "popularity.png"), evaluation["p_train"], before["p_rec"],
                                 after["p_rec"])
+        rows = [("metric", "valid before", "valid after", "test after")] + [
+            (k, _fmt(before.get(k)), _fmt(valid.get(k)), _fmt(v)) for k, v in after.items() if isinstance(v, float)]
     else:
         with open(os.path.join(out, "samples.json"), "w") as f:
             json.dump(evaluation["sampled"], f, indent=1)
         plots.title_frequencies(os.path.join(out, "titles.png"), task.target_distribution(),
                                 before["exact_distribution"], after["exact_distribution"],
                                 np.array(list(evaluation["sampled"].values())))
-    rows = [("metric", "before", "after")] + [(k, _fmt(before.get(k)), _fmt(v)) for k, v in after.items()
-                                              if isinstance(v, float)]
-    print("\n".join(f"{name:34s} {b:>10s} {a:>10s}" for name, b, a in rows))
+        rows = [("metric", "before", "after")] + [(k, _fmt(before.get(k)), _fmt(v)) for k, v in after.items()
+                                                  if isinstance(v, float)]
+    print("\n".join(f"{name:34s}" + "".join(f" {cell:>12s}" for cell in cells) for name, *cells in rows))
     print(f"artefacts in {out}")
 
 

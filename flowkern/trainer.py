@@ -61,6 +61,11 @@ class FlowerConfig(TrainingArguments):
         "help": "MIN MAX: each rollout's temperature is drawn uniformly from [MIN, MAX]"})
     pref_mode: Literal["div", "add"] = field(default="div", metadata={
         "help": "how preference scores personalise the process reward: log r / p (div) or log r + log p (add)"})
+    subtb_params: Literal["all", "body"] = field(default="all", metadata={
+        "help": "what the SubTB term trains: every trained weight, or all but the output layer (its weight and "
+                "bias, the input embeddings when tied, get the SFT gradient only; needs the restricted head)"})
+    early_stopping_patience: Optional[int] = field(default=None, metadata={
+        "help": "stop after N evaluations without a better metric_for_best_model (needs load_best_model_at_end)"})
     sft_normalize: Literal["full", "trie"] = field(default="full", metadata={
         "help": "SFT cross-entropy over the full vocabulary (BIGRec) or over the trie children"})
     full_head: bool = field(default=False, metadata={
@@ -104,6 +109,10 @@ class FlowerConfig(TrainingArguments):
             raise ValueError(f"num_beams must be >= 10 (the top-10 recommendation), got {self.num_beams}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError(f"eval_limit must be >= 1, got {self.eval_limit}")
+        if self.early_stopping_patience is not None and (self.early_stopping_patience < 1
+                                                         or not self.load_best_model_at_end):
+            raise ValueError(f"early_stopping_patience must be >= 1 and needs load_best_model_at_end (with an "
+                             f"eval_strategy and a metric_for_best_model), got {self.early_stopping_patience}")
 
 
 class FlowerTrainer(Trainer):
@@ -112,8 +121,10 @@ class FlowerTrainer(Trainer):
     model:        a causal LM (peft-wrapped or not); its logits over the item titles' tokens
     args:         a FlowerConfig
     task:         a flowkern.data.Task: items, their token ids and rewards, the prompts
-    preferences:  optional (train rows, items) tensor of normalised preference scores
-                  (flowkern.data.load_preferences) that personalise the rewards (Sec. 3.3.3)
+    preferences:  optional normalised preference scores that personalise the rewards (Sec. 3.3.3):
+                  a (train rows, items) tensor (flowkern.data.load_preferences), or rows computed
+                  when read (flowkern.sasrec.SASRecPreferences): anything with that `shape`
+                  whose [row ids] gives those rows' scores
     Other keyword arguments go to transformers.Trainer (callbacks, processing_class, ...)."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a mean: the Trainer divides by accumulation
@@ -129,6 +140,14 @@ class FlowerTrainer(Trainer):
             args.gfn_weight = default_gfn_weight(task)
         self.task, self.preferences = task, preferences
         self.head, self.full_head_because = _output_head(model, args.full_head)
+        if args.subtb_params == "body" and self.head is None:
+            raise ValueError(f"subtb_params='body' keeps the SubTB gradient out of the output layer, which needs the "
+                             f"restricted head; here the full head is used ({self.full_head_because})")
+        if args.early_stopping_patience is not None:
+            from transformers import EarlyStoppingCallback
+
+            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [
+                EarlyStoppingCallback(args.early_stopping_patience)]
         evaluation_rows = task.valid[:args.eval_limit] if task.mode == "history" else task.train
         super().__init__(model=model, args=args, train_dataset=_TrainRows(task, args.seed),
                          eval_dataset=evaluation_rows, data_collator=_collate, **kwargs)
@@ -244,8 +263,10 @@ class FlowerTrainer(Trainer):
         options = dict(tokens=tokens, lam=self.args.lam, pref_mode=self.args.pref_mode)
         if self.head is None:
             return flowkern.subtb_loss(scores, self.trie, rewards, **options)
-        return flowkern.linear_subtb_loss(scores, self.head.weight, self.trie, rewards, bias=self.head.bias,
-                                          **options)
+        weight, bias = self.head.weight, self.head.bias
+        if self.args.subtb_params == "body":
+            weight, bias = weight.detach(), None if bias is None else bias.detach()
+        return flowkern.linear_subtb_loss(scores, weight, self.trie, rewards, bias=bias, **options)
 
     # ---- evaluation: the paper's metrics --------------------------------------------------------
 
@@ -263,7 +284,8 @@ class FlowerTrainer(Trainer):
         self.evaluation = result
         scalars = {f"{metric_key_prefix}_{k}": v for k, v in result.items() if isinstance(v, (int, float))}
         self.log(scalars)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, scalars)
+        if metric_key_prefix == "eval":  # callbacks (best model, early stopping) see the selection split only
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, scalars)
         return scalars
 
     def _recommendations(self, examples):

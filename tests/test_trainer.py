@@ -95,10 +95,13 @@ def test_smoke_run_writes_every_artefact(tmp_path, tiny_model, mode, objective):
     assert all((r["subtb"] > 0) == (objective == "flower") for r in train)
     assert all(r["loss"] == pytest.approx((1 - default_weight) * r["sft"] + default_weight * r["subtb"], rel=1e-5)
                for r in train)
-    split = "test" if mode == "history" else "all"
-    evaluations = [r for r in records(out) if any(k.startswith("eval_") for k in r)]
-    assert [r["step"] for r in evaluations] == [2, 4]  # --eval-every 2, on valid
-    assert [r["step"] for r in records(out) if f"{split}_rows" in r or f"{split}_samples" in r] == [0, 4]
+    evaluations = [r["step"] for r in records(out) if any(k.startswith("eval_") for k in r)]
+    if mode == "history":  # valid before training, every 2 steps and at the end; test once, at the end
+        assert evaluations == [0, 2, 4, 4]
+        assert [r["step"] for r in records(out) if "test_rows" in r] == [4]
+    else:
+        assert evaluations == [2, 4]
+        assert [r["step"] for r in records(out) if "all_samples" in r] == [0, 4]
     if mode == "history":
         with open(os.path.join(out, "predictions.jsonl")) as f:
             predictions = [json.loads(line) for line in f]
@@ -110,7 +113,7 @@ def test_smoke_run_writes_every_artefact(tmp_path, tiny_model, mode, objective):
 
 
 def test_final_evaluation_is_on_test_and_periodic_on_valid(tmp_path, tiny_model):
-    """The before/after evaluation reads test.csv's rows, the periodic one valid.csv's."""
+    """The final evaluation reads test.csv's rows, the periodic one valid.csv's."""
     data = write_dataset(str(tmp_path / "data"))
     out = run(tmp_path, tiny_model, data, "splits", "--eval-every", "2", "--max-steps", "3")
     task = load_task(data, QwenTokenizer())

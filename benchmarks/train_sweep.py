@@ -12,7 +12,10 @@ and setting, the w whose final (selected) model has the best `--select` metric o
 kept; the other seeds run SFT and those choices only.  Test is read by each run once, at its
 end, and never by the selection.  The SASRec behind the div/add rewards is trained once per
 seed (python -m flowkern.sasrec) and is a row of the table.  w = 0 runs --objective sft.
-Arguments after `--` go to every run.  Writes results/train-<NAME>-<device>-<date>.md/json.
+Arguments after `--` go to every run.  A run directory under --runs that holds a final.json
+(or a SASRec's report.json) is read, not run again: an interrupted sweep continues, and
+sweeps over parts of a grid can run side by side and be tabled together.
+Writes results/train-<NAME>-<device>-<date>.md/json.
 """
 
 import argparse
@@ -103,6 +106,10 @@ def selected(runs, args):
 
 def train_sasrec(args, data, seed):
     out = os.path.join(args.runs, f"{args.name}-sasrec-seed{seed}")
+    if os.path.exists(os.path.join(out, "report.json")):
+        print(f"reusing {out}", flush=True)
+        with open(os.path.join(out, "report.json")) as f:
+            return {**json.load(f), "directory": out}
     command = [sys.executable, "-m", "flowkern.sasrec", "--data", data, "--out", out, "--seed", str(seed)]
     if args.quick:
         command += ["--max-epochs", "2"]
@@ -124,8 +131,11 @@ def train(args, setting, seed, extra, sasrec):
         command += ["--gfn-weight", str(w), "--subtb-params", setting["subtb_params"]]
     if reward != "popularity":
         command += ["--pref", "sasrec", "--pref-model", sasrec["directory"], "--pref-mode", reward]
-    print(" ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    if os.path.exists(os.path.join(out, "final.json")):
+        print(f"reusing {out}", flush=True)
+    else:
+        print(" ".join(command), flush=True)
+        subprocess.run(command, check=True)
     with open(os.path.join(out, "final.json")) as f:
         return json.load(f)
 

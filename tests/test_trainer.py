@@ -170,6 +170,102 @@ def test_preference_scores(tmp_path, tiny_model, mode):
     assert exit_info.value.code == 2
 
 
+def test_pref_sasrec_personalises_the_reward_from_each_rows_history(tmp_path, tiny_model, monkeypatch, capsys):
+    """--pref sasrec trains a SASRec for the data (cached under FLOWKERN_CACHE) and reads
+    each row's preferences when the row is used; --pref-model reuses a saved one, refused
+    for other data."""
+    from flowkern import sasrec
+
+    monkeypatch.setenv("FLOWKERN_CACHE", str(tmp_path / "cache"))
+    data = write_dataset(str(tmp_path / "data"))
+    read_rows = []
+    original = sasrec.SASRecPreferences.__getitem__
+    monkeypatch.setattr(sasrec.SASRecPreferences, "__getitem__",
+                        lambda self, rows: read_rows.append(rows.tolist()) or original(self, rows))
+    out = run(tmp_path, tiny_model, data, "sasrec", "--pref", "sasrec", "--pref-mode", "add", "--rollouts", "2")
+    assert all(r["subtb"] > 0 for r in train_records(out))
+    assert len(read_rows) == 4 and all(len(rows) == 8 and rows[::2] == rows[1::2] for rows in read_rows)
+    assert "SASRec preferences (add)" in capsys.readouterr().out
+    (entry,) = os.listdir(tmp_path / "cache" / "sasrec")
+    saved = str(tmp_path / "cache" / "sasrec" / entry)
+    run(tmp_path, tiny_model, data, "saved", "--pref", "sasrec", "--pref-model", saved)
+    other = write_dataset(str(tmp_path / "other"), rows=11)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, tiny_model, other, "other", "--pref", "sasrec", "--pref-model", saved)
+    assert exit_info.value.code == 2
+    assert "made for other data (the items or splits differ)" in capsys.readouterr().err
+
+
+def test_test_is_read_once_at_the_end_by_the_model_selected_on_valid(tmp_path, tiny_model, monkeypatch):
+    """Every evaluation before the last reads valid; the last reads test, once; the final model
+    is the best checkpoint on valid (its valid metric is the best one logged)."""
+    from flowkern.trainer import FlowerTrainer
+
+    data = write_dataset(str(tmp_path / "data"))
+    task = load_task(data, QwenTokenizer())
+    valid, test = [e.target for e in task.valid[:4]], [e.target for e in task.test[:4]]
+    assert valid != test
+    reads = []
+    original = FlowerTrainer._recommendations
+    monkeypatch.setattr(FlowerTrainer, "_recommendations",
+                        lambda self, examples: reads.append([e.target for e in examples]) or original(self, examples))
+    out = run(tmp_path, tiny_model, data, "best", "--eval-every", "1", "--save-every", "1", "--max-steps", "6",
+              "--load_best_model_at_end", "--metric_for_best_model", "DGU@10", "--greater_is_better", "False",
+              "--early-stopping-patience", "2", "--lr", "3e-2")
+    assert reads[-1] == test and reads[:-1] == [valid] * (len(reads) - 1)
+    final = read(out, "final.json")
+    logged = [r["eval_DGU@10"] for r in records(out) if "eval_DGU@10" in r][1:-1]  # the periodic ones
+    assert final["best"]["value"] == min(logged) == final["valid"]["DGU@10"]
+    assert final["before_split"] == "valid" and final["after_split"] == "test"
+
+
+def test_subtb_params_body_keeps_the_subtb_gradient_out_of_the_output_layer(tmp_path, tiny_model):
+    """With w = 1 (SubTB alone; SFT's term is there with weight 0): subtb_params="body" gives
+    the untied output layer a zero gradient and the body the same gradient as "all"."""
+    from transformers import AutoModelForCausalLM
+
+    from flowkern.models import load_model
+    from flowkern.trainer import FlowerConfig, FlowerTrainer
+
+    tokenizer = load_model(tiny_model, seed=0).tokenizer
+    task = load_task(write_dataset(str(tmp_path / "data")), tokenizer)
+    grads = {}
+    for params in ("all", "body"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, tie_word_embeddings=False)
+        config = FlowerConfig(output_dir=str(tmp_path / params), report_to=["none"], gfn_weight=1.0,
+                              subtb_params=params, rollouts=2)
+        trainer = FlowerTrainer(model, config, task)
+        inputs = {"rows": torch.arange(4), "targets": torch.tensor([e.target for e in task.train[:4]])}
+        trainer.compute_loss(model, inputs).backward()
+        grads[params] = {name: p.grad for name, p in model.named_parameters()}
+    assert grads["body"]["lm_head.weight"].abs().sum() == 0 < grads["all"]["lm_head.weight"].abs().sum()
+    body = [name for name in grads["all"] if name != "lm_head.weight" and grads["all"][name] is not None]
+    assert len(body) > 10
+    for name in body:
+        torch.testing.assert_close(grads["body"][name], grads["all"][name])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with pytest.raises(ValueError, match=r"subtb_params='body' .* needs the restricted head; here the full head is "
+                                         r"used \(full_head\)"):
+        FlowerTrainer(model, FlowerConfig(output_dir=str(tmp_path / "x"), report_to=["none"], subtb_params="body",
+                                          full_head=True), task)
+
+
+def test_the_sweeps_quick_mode_runs(tmp_path, tiny_model):
+    data = write_dataset(str(tmp_path / "data"))
+    env = {**os.environ, "FLOWKERN_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_sweep.py"), "--quick",
+                             "--runs", str(tmp_path / "runs"), "--name", "quick", "--", "--data", data,
+                             "--model", tiny_model, "--lora-r", "0"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SASRec alone" in result.stdout and "Flower w=0.01, SASRec div" in result.stdout
+    assert "Selection on valid (NDCG@10 of each run's final model)" in result.stdout
+    assert sorted(os.listdir(tmp_path / "runs")) == ["quick-sasrec-seed0", "quick-w0.0-popularity-all-sft-full-seed0",
+                                                    "quick-w0.01-div-all-sft-full-seed0",
+                                                    "quick-w0.01-popularity-all-sft-full-seed0"]
+
+
 def test_lora_on_a_local_model(tmp_path, tiny_model):
     out = run(tmp_path, tiny_model, history_free_file(tmp_path), "lora", "--lora-r", "4")
     assert "adapter_model.safetensors" in os.listdir(os.path.join(out, "checkpoint-4"))
@@ -404,6 +500,13 @@ def test_titles_that_are_special_tokens(tmp_path, tiny_model):
     (["--batch-size", "0"], "per_device_train_batch_size must be >= 1"),
     (["--objective", "sft", "--gfn-weight", "0.5"], "--objective sft trains with w = 0; --gfn-weight 0.5"),
     (["--pref-scores", "README.md"], "--pref-scores personalises rewards per training row: it needs a data set"),
+    (["--pref", "sasrec"], "--pref personalises rewards per training row: it needs a data set with history"),
+    (["--data", "movies", "--pref", "sasrec", "--pref-scores", "README.md"], "--pref and --pref-scores both give"),
+    (["--data", "movies", "--pref-model", "."], "--pref-model is the SASRec of --pref sasrec: give both"),
+    (["--data", "movies", "--pref", "sasrec", "--pref-model", "nowhere"], "--pref-model nowhere: no such directory"),
+    (["--data", "movies", "--pref", "sasrec", "--objective", "sft"], "with w = 0 (SFT) there is none"),
+    (["--pref", "cosine"], "argument --pref: invalid choice: 'cosine'"),
+    (["--early-stopping-patience", "2"], "early_stopping_patience must be >= 1 and needs load_best_model_at_end"),
     (["--data", "nowhere/at/all"], "--data nowhere/at/all: no such file or directory (nor a shipped set"),
     (["--model", "nowhere/model"], "--model nowhere/model: no such file or directory"),
     (["--config", "missing.yaml"], "--config missing.yaml: cannot read it"),

@@ -68,7 +68,8 @@ def main():
         for setting in settings(args):
             if not first and history and setting["w"] > 0 and setting not in selected(runs, args):
                 continue
-            runs.append({**setting, "seed": seed, "final": train(args, setting, seed, extra, sasrec.get(seed))})
+            directory, final = train(args, setting, seed, extra, sasrec.get(seed))
+            runs.append({**setting, "seed": seed, "directory": directory, "final": final})
     if history:
         body = history_tables(runs, sasrec, args)
     else:
@@ -78,7 +79,8 @@ def main():
         print(body)
         return
     write_results(f"train-{args.name}", f"Flower vs SFT: {args.name}", env, f"{body}\n\n{notes}",
-                  [{k: v for k, v in run.items() if k != "final"} | {"final": summary(run["final"])} for run in runs]
+                  [{k: v for k, v in run.items() if k not in ("final", "directory")} | {"final": summary(run["final"])}
+                   for run in runs]
                   + [{"sasrec": report, "seed": seed} for seed, report in sasrec.items()])
 
 
@@ -137,7 +139,20 @@ def train(args, setting, seed, extra, sasrec):
         print(" ".join(command), flush=True)
         subprocess.run(command, check=True)
     with open(os.path.join(out, "final.json")) as f:
-        return json.load(f)
+        return out, json.load(f)
+
+
+def standard_error(directory, k):
+    """The standard error of NDCG@k over the test rows (predictions.jsonl): how far apart two
+    runs' figures must be before they say more than the sample of rows."""
+    import numpy as np
+
+    from flowkern import metrics
+
+    with open(os.path.join(directory, "predictions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    gains = [metrics.accuracy([row["titles"]], [row["target_title"]], ks=(k,))[f"NDCG@{k}"] for row in rows]
+    return float(np.std(gains, ddof=1) / np.sqrt(len(gains)))
 
 
 def label(run):
@@ -167,7 +182,8 @@ def history_tables(runs, sasrec, args):
             keep = r["w"] == 0 or {k: r[k] for k in ("w", "reward", "subtb_params", "sft")} in chosen
             if r["seed"] == seed and keep:
                 test_rows.append({"run": label(r), "seed": seed, "minutes": f"{r['final']['seconds'] / 60:.1f}",
-                                  **{m: f"{r['final']['after'][m]:.4f}" for m in HISTORY_METRICS}})
+                                  **{m: f"{r['final']['after'][m]:.4f}" for m in HISTORY_METRICS},
+                                  "NDCG@5 SE": f"{standard_error(r['directory'], 5):.4f}"})
     return (f"## Test: SASRec, SFT and each reward at its valid-selected w\n\n{markdown_table(test_rows)}\n\n"
             f"## Selection on valid ({args.select} of each run's final model), seed {args.seeds[0]}\n\n"
             f"{markdown_table(valid_rows)}")

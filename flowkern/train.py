@@ -3,11 +3,13 @@
 A command line over flowkern.FlowerTrainer (a Hugging Face Trainer): every
 TrainingArguments flag works (`--bf16`, `--warmup_steps`, `--report_to tensorboard`,
 `--save_steps` ...), `--config FILE.yaml|.json` sets any field, and `accelerate launch` or
-`torchrun` run it on several processes.  Every run evaluates the model before training
-and after it on the same split (with history: test; history-free: the distribution) and
-writes under --out: run_config.json, metrics.jsonl, final.json, predictions.jsonl (with
-history) or samples.json (history-free), a plot, checkpoints (checkpoint-N) and the final
-weights.  `--resume` continues from the newest complete checkpoint.
+`torchrun` run it on several processes.  With history, every evaluation reads valid (before
+training, during it, and the final model) and test is read once, by the final model;
+history-free, the distribution is evaluated before and after.  Writes under --out:
+run_config.json, metrics.jsonl, before.json, final.json, predictions.jsonl and
+valid_predictions.jsonl (with history) or samples.json (history-free), a plot, checkpoints
+(checkpoint-N) and the final weights.  `--resume` continues from the newest complete
+checkpoint.
 """
 
 import argparse
@@ -25,7 +27,7 @@ from transformers import TrainerCallback
 
 import flowkern
 from flowkern import plots
-from flowkern.data import BUILTIN, DataError, load_preferences, load_task, read_history_data, resolve
+from flowkern.data import BUILTIN, DataError, load_preferences, load_task, resolve
 from flowkern.models import add_lora, load_model
 from flowkern.trainer import FlowerConfig, FlowerTrainer, ResumeError
 
@@ -122,7 +124,7 @@ def run(argv=None):
     valid = None
     if history:
         trainer.evaluate(metric_key_prefix="eval")
-        valid = summary(trainer.evaluation)
+        valid = trainer.evaluation
         trainer.evaluate(task.test, metric_key_prefix="test")
     else:
         trainer.evaluate(metric_key_prefix="all")
@@ -139,13 +141,12 @@ def _preferences(script, config, task):
         return None
     from flowkern import sasrec
 
-    titles, splits = read_history_data(task.source)
-    device = config.device
+    splits, device = sasrec.splits_of(task), config.device
     if script.pref_model:
-        model, report = sasrec.load(script.pref_model, titles, splits, device)
-        sasrec.warn_unless_better(report)
+        model, report = sasrec.load(script.pref_model, task.titles, splits, device)
     else:
-        model, report = sasrec.trained(titles, splits, sasrec.SASRecConfig(seed=config.seed), device)
+        model, report = sasrec.trained(task.titles, splits, sasrec.SASRecConfig(seed=config.seed), device)
+    sasrec.warn_unless_better(report, lambda line: print(line, file=sys.stderr, flush=True))
     print(f"flowkern.train: SASRec preferences ({config.pref_mode}), valid NDCG@10 {report['valid']['NDCG@10']:.4f}, "
           f"test NDCG@10 {report['test']['NDCG@10']:.4f}", flush=True)
     return sasrec.SASRecPreferences(model, [example.history for example in task.train], config.pref_mode, device)
@@ -303,23 +304,24 @@ def write_config(config, script, loaded, task, trainer, lora_r):
 
 
 def write_results(out, task, trainer, before, valid, seconds):
-    """final.json, predictions.jsonl or samples.json, the plot, and the table of results.
-    With history: before = valid at step 0, valid = valid of the final (selected) model,
-    after = its test; history-free: the distribution before and after."""
+    """final.json, predictions.jsonl (and valid_predictions.jsonl) or samples.json, the plot,
+    and the table of results.  With history: before = valid at step 0, valid = the final
+    (selected) model's valid evaluation, after = its test; history-free: the distribution
+    before and after."""
     evaluation = trainer.evaluation
     after = summary(evaluation)
     record = {"before": before, "after": after, "seconds": seconds}
     if valid is not None:
-        state = trainer.state
+        for name, result in (("valid_predictions.jsonl", valid), ("predictions.jsonl", evaluation)):
+            with open(os.path.join(out, name), "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in result["predictions"])
+        valid, state = summary(valid), trainer.state
         record.update(before_split="valid", valid=valid, after_split="test",
                       best={"metric": trainer.args.metric_for_best_model, "value": state.best_metric,
                             "checkpoint": state.best_model_checkpoint, "steps": state.global_step})
     with open(os.path.join(out, "final.json"), "w") as f:
         json.dump(record, f, indent=1)
     if task.mode == "history":
-        with open(os.path.join(out, "predictions.jsonl"), "w") as f:
-            for row in evaluation["predictions"]:
-                f.write(json.dumps(row) + "\n")
         plots.popularity_shares(os.path.join(out, "popularity.png"), evaluation["p_train"], before["p_rec"],
                                 after["p_rec"])
         rows = [("metric", "valid before", "valid after", "test after")] + [

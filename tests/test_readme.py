@@ -23,6 +23,9 @@ NOT_RUN = {
     "python -m flowkern.train":
         "full training runs (a minute and more each, smollm2 needs an extra package); tests/test_train.py runs "
         "the trainer's options at small sizes",
+    "python -m flowkern.sasrec --data movies --out runs/sasrec":
+        "SASRec on Movies_and_TV and the recipe's runs (a minute to an hour); tests/test_sasrec.py runs the "
+        "SASRec command line, tests/test_trainer.py the recipe's config file and the sweep's --quick mode",
 }
 
 

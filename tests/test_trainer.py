@@ -83,7 +83,8 @@ def test_smoke_run_writes_every_artefact(tmp_path, tiny_model, mode, objective):
     data = write_dataset(str(tmp_path / "data")) if mode == "history" else history_free_file(tmp_path)
     out = run(tmp_path, tiny_model, data, "run", "--objective", objective, "--rollouts", "2", "--eval-every", "2")
     expected = {"run_config.json", "metrics.jsonl", "final.json", "checkpoint-4", "model.safetensors"}
-    expected |= {"predictions.jsonl", "popularity.png"} if mode == "history" else {"samples.json", "titles.png"}
+    expected |= {"predictions.jsonl", "valid_predictions.jsonl", "popularity.png"} if mode == "history" else {
+        "samples.json", "titles.png"}
     assert expected <= set(os.listdir(out))
     assert checkpoints.is_complete(os.path.join(out, "checkpoint-4"))
     default_weight = {"flower": 0.01 if mode == "history" else 0.9, "sft": 0.0}[objective]
@@ -121,6 +122,8 @@ def test_final_evaluation_is_on_test_and_periodic_on_valid(tmp_path, tiny_model)
         targets = [json.loads(line)["target_id"] for line in f]
     assert targets == [example.target for example in task.test[:4]]
     assert targets != [example.target for example in task.valid[:4]]
+    with open(os.path.join(out, "valid_predictions.jsonl")) as f:
+        assert [json.loads(line)["target_id"] for line in f] == [example.target for example in task.valid[:4]]
 
 
 @pytest.mark.parametrize("mode", ["history", "history_free"])

@@ -345,8 +345,8 @@ class FlowerTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, **kwargs):
         """As Trainer.train; `resume_from_checkpoint=True` takes the newest *complete*
         checkpoint of output_dir (incomplete ones, left by a kill, are removed), and a resume
-        whose learning rate, batch size, accumulation, processes, seed, w or data differ
-        from the checkpoint's is refused with a ResumeError (a ValueError) naming them."""
+        whose learning rate, batch size, accumulation, processes, seed, w, subtb_params or data
+        differ from the checkpoint's is refused with a ResumeError (a ValueError) naming them."""
         if resume_from_checkpoint is True:
             if self.args.should_save:
                 checkpoints.remove_incomplete(self.args.output_dir)
@@ -367,7 +367,7 @@ class FlowerTrainer(Trainer):
         return {"learning_rate": self.args.learning_rate, "batch_size": self.args.per_device_train_batch_size,
                 "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
                 "world_size": self.args.world_size, "seed": self.args.seed, "gfn_weight": self.args.gfn_weight,
-                "data": self._fingerprint}
+                "subtb_params": self.args.subtb_params, "data": self._fingerprint}
 
     def _check_resume(self, directory):
         try:

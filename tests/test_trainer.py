@@ -570,6 +570,16 @@ def test_config_files(tmp_path, tiny_model, capsys):
     assert "invalid float value: 'many'" in capsys.readouterr().err
 
 
+def test_the_rq2_recipe_config_parses():
+    from flowkern.train import parse
+
+    script, config = parse(["--config", os.path.join(ROOT, "examples", "rq2.yaml")])
+    assert (script.data, script.pref, config.pref_mode) == ("movies", "sasrec", "div")
+    assert config.load_best_model_at_end and config.metric_for_best_model == "NDCG@10"
+    assert (config.eval_steps, config.save_steps, config.early_stopping_patience) == (100, 100, 2)
+    assert str(config.eval_strategy).lower().endswith("steps") and config.greater_is_better
+
+
 def test_help_shows_each_default_once():
     result = subprocess.run([sys.executable, "-m", "flowkern.train", "--help"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": ROOT}, check=True)

@@ -199,7 +199,7 @@ def load(directory, titles, splits, device="cpu"):
     try:
         with open(report_path) as f:
             report = json.load(f)
-        state = torch.load(os.path.join(directory, "model.pt"), map_location=device, weights_only=True)
+        state = torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise DataError(f"SASRec {directory}: cannot load it ({str(error).splitlines()[0]})") from None
     if not isinstance(report, dict) or report.get("data") != data_fingerprint(titles, splits):

@@ -145,7 +145,8 @@ def _preferences(script, config, task):
     if script.pref_model:
         model, report = sasrec.load(script.pref_model, task.titles, splits, device)
     else:
-        model, report = sasrec.trained(task.titles, splits, sasrec.SASRecConfig(seed=config.seed), device)
+        with config.main_process_first(desc="SASRec"):  # one process trains and caches, the others load it
+            model, report = sasrec.trained(task.titles, splits, sasrec.SASRecConfig(seed=config.seed), device)
     sasrec.warn_unless_better(report, lambda line: print(line, file=sys.stderr, flush=True))
     print(f"flowkern.train: SASRec preferences ({config.pref_mode}), valid NDCG@10 {report['valid']['NDCG@10']:.4f}, "
           f"test NDCG@10 {report['test']['NDCG@10']:.4f}", flush=True)

@@ -401,7 +401,8 @@ with open(os.path.join(sys.argv[1], f"rank{trainer.args.process_index}.json"), "
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_processes(tmp_path, tiny_model, launcher):
     """Both processes see the same logged losses (means over the processes) and end with the
-    same weights; evaluation rows are split across them and gathered."""
+    same weights; evaluation rows are split across them and gathered; the SASRec of --pref
+    sasrec is trained by one process and loaded by the other."""
     data = write_dataset(str(tmp_path / "data"))
     out = str(tmp_path / launcher)
     worker = tmp_path / "worker.py"
@@ -415,14 +416,17 @@ def test_two_processes(tmp_path, tiny_model, launcher):
                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                             "--main_process_port", "29518"]}[launcher]
     command = [*start, str(worker), out, *common(tiny_model, data, out), "--eval-limit", "5",
-               "--gradient_accumulation_steps", "2", "--batch-size", "2", "--max-steps", "3"]
+               "--gradient_accumulation_steps", "2", "--batch-size", "2", "--max-steps", "3", "--pref", "sasrec"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
+                                 "FLOWKERN_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [read(out, f"rank{r}.json") for r in (0, 1)]
     assert ranks[0] == ranks[1] and len(ranks[0]["losses"]) == 3
     assert read(out, "final.json")["after"]["rows"] == 5
     assert read(out, "run_config.json")["world_size"] == 2
+    assert result.stdout.count("sasrec: epoch 1:") == 1  # one process trains the SASRec, the other loads it
+    assert result.stdout.count("sasrec: cached model") == 1
 
 
 # ---- domains and prompts ----------------------------------------------------------------------------

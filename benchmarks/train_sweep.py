@@ -49,6 +49,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="w in {0, 0.01}, rewards popularity and div, one "
                                                              "seed, 2 steps, 8 evaluation rows")
     parser.add_argument("--runs", default=os.path.join("runs", "sweep"), help="where the run directories go")
+    parser.add_argument("--note", default="", help="a paragraph for the results file (budget, what ran where)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then arguments for flowkern.train")
     args = parser.parse_args()
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
@@ -74,7 +75,8 @@ def main():
         body = history_tables(runs, sasrec, args)
     else:
         body = markdown_table([history_free_row(run) for run in runs])
-    notes = "Command: python benchmarks/train_sweep.py " + " ".join(sys.argv[1:])
+    notes = (args.note + "\n\n" if args.note else "") + "Command: python benchmarks/train_sweep.py " + " ".join(
+        f"'{a}'" if " " in a else a for a in sys.argv[1:])
     if args.quick:  # a check that it runs, not a result
         print(body)
         return

@@ -54,6 +54,16 @@ class SASRecConfig:
     patience: int = 10     # epochs without a better valid NDCG@10 before stopping
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("max_len", "hidden", "blocks", "heads", "batch_size", "max_epochs", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SASRec {name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden % self.heads:
+            raise ValueError(f"SASRec hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if not (0.0 <= self.dropout < 1.0 and self.lr > 0 and self.l2 >= 0):
+            raise ValueError(f"SASRec needs 0 <= dropout < 1, lr > 0 and l2 >= 0, got {self.dropout}, {self.lr}, "
+                             f"{self.l2}")
+
 
 class SASRec(nn.Module):
     """Scores of every item after each history; histories are left-padded with `num_items`."""
@@ -284,7 +294,10 @@ def main(argv=None):
     except DataError as error:
         print(f"python -m flowkern.sasrec: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    config = SASRecConfig(**{name: getattr(args, name) for name in asdict(SASRecConfig())})
+    try:
+        config = SASRecConfig(**{name: getattr(args, name) for name in asdict(SASRecConfig())})
+    except ValueError as error:
+        parser.error(str(error))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, report = train(titles, splits, config, device)
     save(model, report, args.out)

@@ -129,3 +129,16 @@ def test_the_command_line(tmp_path, capsys):
         sasrec.main(["--data", str(tmp_path / "counts.json"), "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "SASRec needs a directory with history" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-len", "0"], "SASRec max_len must be >= 1, got 0"),
+    (["--hidden", "30", "--heads", "4"], "SASRec hidden (30) must be a multiple of heads (4)"),
+    (["--dropout", "1.0"], "SASRec needs 0 <= dropout < 1, lr > 0 and l2 >= 0"),
+])
+def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
+    directory = write_dataset(str(tmp_path / "data"))
+    with pytest.raises(SystemExit) as exit_info:
+        sasrec.main(["--data", directory, "--out", str(tmp_path / "out"), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

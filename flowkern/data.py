@@ -364,7 +364,8 @@ def load_preferences(path, mode, task):
         raise DataError(f"--pref-scores {path}: expected shape (train rows, items) = {expected}, got {scores.shape}")
     if not np.isfinite(scores).all():
         raise DataError(f"--pref-scores {path}: holds NaN or inf")
-    return normalise_preferences(torch.from_numpy(scores), mode)
+    return normalise_preferences(torch.from_numpy(scores if np.issubdtype(scores.dtype, np.floating)
+                                                  else scores.astype(np.float64)), mode)
 
 
 def normalise_preferences(scores, mode):

@@ -114,6 +114,9 @@ def test_load_preferences_normalises_each_row_exactly(tmp_path, mode, first_row)
     third_row = [0.75, 0.75, 0.75, 1.75] if mode == "div" else [0.5, 0.5, 0.5, 1.5]
     np.testing.assert_allclose(scores.numpy(), [first_row, [1.0] * 4, third_row], rtol=1e-12)
     assert scores.dtype == torch.float64
+    np.save(tmp_path / "counts.npy", np.array([[1, 2, 3, 10], [5, 5, 5, 5], [0, 0, 0, 4]]))  # integer scores
+    counts = load_preferences(tmp_path / "counts.npy", mode, toy_task(["a", "b", "c", "d"], [1, 1, 1, 1], 3))
+    assert torch.equal(counts, scores)
 
 
 @pytest.mark.parametrize("damage, message", [

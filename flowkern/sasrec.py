@@ -134,7 +134,7 @@ def train(titles, splits, config: SASRecConfig, device="cpu", log=print):
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-        score = evaluate(model, titles, splits, "valid", device)["NDCG@10"]
+        score = evaluate(model, titles, splits, "valid", device, accuracy_only=True)["NDCG@10"]
         if score > best:
             best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
         log(f"sasrec: epoch {epoch}: loss {loss.item():.4f}, valid NDCG@10 {score:.4f} (best {best:.4f}, "
@@ -160,18 +160,18 @@ def scores(model, histories, device="cpu", batch_size=1024) -> torch.Tensor:
     return torch.cat([model(chunk.to(device)).float().cpu() for chunk in padded.split(batch_size)])
 
 
-def evaluate(model, titles, splits, split, device="cpu") -> dict:
+def evaluate(model, titles, splits, split, device="cpu", accuracy_only=False) -> dict:
     """The paper's metrics of the top-10 titles of `split`'s rows (metrics.accuracy, fairness,
     diversity: the LLM's metrics, so the rows compare); model None: the popularity
-    baseline, every row given the items most frequent in the training histories."""
+    baseline, every row given the items most frequent in the training histories.
+    accuracy_only: HR and NDCG alone (what early stopping reads each epoch)."""
     rows = splits[split]
-    counts = history_counts(len(titles), splits["train"])
+    counts = history_counts(len(titles), splits["train"]) if model is None or not accuracy_only else None
     if model is None:
         ranking = torch.from_numpy(np.argsort(-counts, kind="stable"))
         top = ranking.expand(len(rows), -1)
     else:
         top = scores(model, [h for h, _ in rows], device).argsort(dim=1, descending=True, stable=True)
-    groups, p_train = popularity_groups(titles, counts)
     ranked = []
     for order in top[:, :256].tolist():  # 10 distinct titles lie among the first few dozen items
         seen = []
@@ -181,10 +181,12 @@ def evaluate(model, titles, splits, split, device="cpu") -> dict:
             if len(seen) == 10:
                 break
         ranked.append(seen)
-    title_group = {t: int(g) for t, g in zip(titles, groups)}
-    ranked_groups = [[title_group[t] for t in row] for row in ranked]
     result = metrics.accuracy(ranked, [titles[t] for _, t in rows])
-    result.update(metrics.fairness(ranked_groups, p_train))
+    if accuracy_only:
+        return result
+    groups, p_train = popularity_groups(titles, counts)
+    title_group = {t: int(g) for t, g in zip(titles, groups)}
+    result.update(metrics.fairness([[title_group[t] for t in row] for row in ranked], p_train))
     result.update(metrics.diversity(ranked))
     return result
 

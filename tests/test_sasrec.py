@@ -142,3 +142,15 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
         sasrec.main(["--data", directory, "--out", str(tmp_path / "out"), *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_histories_are_left_padded_and_task_splits_are_the_files_rows(tmp_path):
+    padded = sasrec.pad_histories([[1, 2, 3, 4, 5], [7], []], num_items=9, max_len=3)
+    assert padded.tolist() == [[3, 4, 5], [9, 9, 7], [9, 9, 9]]
+    from flowkern.data import load_task
+    from flowkern.tokenizer import QwenTokenizer
+
+    directory = write_dataset(str(tmp_path / "data"))
+    task = load_task(directory, QwenTokenizer(), max_history=1)  # the prompt's truncation leaves the ids whole
+    titles, splits = read_history_data(directory)
+    assert task.titles == titles and sasrec.splits_of(task) == splits

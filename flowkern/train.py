@@ -130,6 +130,10 @@ def run(argv=None):
         trainer.evaluate(metric_key_prefix="all")
     if main_process:
         write_results(config.output_dir, task, trainer, before, valid, time.time() - started)
+    # Every process leaves together, through the process group's own teardown: a process that
+    # exits with its group alive can abort at shutdown (gloo's threads) while another still works.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return trainer
 
 

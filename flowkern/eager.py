@@ -76,13 +76,13 @@ def per_position(shape, b, t, columns, lse, flower):
     return pieces[0], pieces[1] if flower else None, empty.index_put((b, t), lse)
 
 
-def pair_sum(log_pf, log_pterm, log_r, length, lam):
+def pair_sum(log_pf, log_pterm, log_r, length, lam, period=1):
     """(loss_b, weight_b = Σ_{m<n} λ^(n−m−1), g = ∂loss_b/∂δ (B, T)) of each trajectory:
-    process form if log_pterm is None, else the Flower form."""
+    process form if log_pterm is None, else the Flower form; states every `period` tokens."""
     if log_pterm is None:
-        return subtrajectory_balance(log_pf - log_r.to(log_pf.dtype), length + 2, lam)
+        return subtrajectory_balance(log_pf - log_r.to(log_pf.dtype), length + 2, lam, period)
     deltas = modified_deltas(log_pf, log_pterm, flower_state_log_rewards(log_r, length).to(log_pf.dtype))
-    loss, weight, grad = subtrajectory_balance(deltas, length + 1, lam)
+    loss, weight, grad = subtrajectory_balance(deltas, length + 1, lam, period)
     return loss, weight, F.pad(grad, (0, 1))  # δ_k for k < T − 1
 
 
@@ -97,17 +97,22 @@ def flower_state_log_rewards(log_r, length):
     return torch.where(k == length[:, None], inclusive, inclusive - log_r + NONTERMINAL_LOG_REWARD)
 
 
-def subtrajectory_balance(delta, num_states, lam):
-    """Σ_{0≤m<n<K_b} λ^(n−m−1) (D_n − D_m)² per row, D_k = Σ_{t<k} δ_t, K_b = num_states[b]
-    (rows with K_b ≤ 1 add nothing), its pair weights and its gradient w.r.t. δ (0 at the
+def subtrajectory_balance(delta, num_states, lam, period=1):
+    """Σ_{m<n} λ^(κ_n−κ_m−1) (D_n − D_m)² per row over its coarse states m, n: the multiples
+    of `period` below K_b − 1 and the last state K_b − 1 (K_b = num_states[b]; κ counts the
+    coarse states before; period 1 keeps every state).  D_k = Σ_{t<k} δ_t; rows with K_b ≤ 1
+    add nothing.  Returns the losses, the pair weights and the gradient w.r.t. δ (0 at the
     entries t ≥ K_b − 1, which are never read).  O(T²) per row, all rows at once."""
     steps = delta.shape[1]
     k = torch.arange(steps + 1, device=delta.device)
-    live = k[:-1] < num_states[:, None] - 1
+    last = num_states[:, None] - 1
+    live = k[:-1] < last
     cumulative = F.pad(torch.where(live, delta, 0.0).cumsum(1), (1, 0))
-    gap = k[None, :] - k[:, None]  # [m, n] -> n − m
+    coarse = ((k % period == 0) & (k < last)) | (k == last)  # (B, T + 1)
+    index = coarse.cumsum(1)
+    gap = index[:, None, :] - index[:, :, None]  # [b, m, n] -> κ_n − κ_m
     decay = torch.pow(float(lam), (gap - 1).clamp(min=0).double()).to(delta.dtype)
-    pair_weight = torch.where(gap > 0, decay, 0.0) * (k < num_states[:, None])[:, None, :]
+    pair_weight = torch.where((gap > 0) & coarse[:, :, None] & coarse[:, None, :], decay, 0.0)
     weighted_diff = pair_weight * (cumulative[:, None, :] - cumulative[:, :, None])
     per_trajectory = (weighted_diff * (cumulative[:, None, :] - cumulative[:, :, None])).sum((1, 2))
     grad_cumulative = 2 * (weighted_diff.sum(1) - weighted_diff.sum(2))  # ∂loss/∂D_k

@@ -19,6 +19,12 @@ and the same pair sum over states 0 .. L.
 
 reduction="mean" divides Σ_b loss_b by Σ_b Σ_{m<n} λ^(n−m−1), the published normalisation.
 
+Granularity n (the published train_sft-gfn_logp_n.py, paper Fig. 5): the states are those at
+positions 0, n, 2n, … before the last state, and the last state; m < n then range over these,
+λ's exponent counts the states between them, and the δ of a coarse step is the sum of its
+tokens' δ.  n = 1 is the loss above; "item" keeps only the first and last states: trajectory
+balance, (D_K − D_0)² with the trie's log Z built into the process rewards.
+
 Numbers: every result is finite or the call raises a ValueError naming the argument.  λ must
 keep a full row's pair weight Σ_{0≤m<n≤T} λ^(n−m−1) finite in the compute dtype (float64
 for float64 inputs, else float32), checked before anything runs; the personalised log r_t
@@ -52,7 +58,7 @@ BACKEND_ENV = "FLOWKERN_BACKEND"
 
 def subtb_loss(logits, trie, rewards=None, *, tokens, lam=1.0, normalize=None, form="process",
                pref_mode="div", pref_weight=1.0, reduction="mean", on_invalid="error", backend="auto",
-               inplace_grad=False):
+               inplace_grad=False, granularity=1):
     """Flower's SubTB loss of the trajectories `tokens` (B, T) under `logits` (B, T, V).
 
     logits:     float16/bfloat16/float32/float64, any strides; logits[b, t] is the
@@ -63,6 +69,8 @@ def subtb_loss(logits, trie, rewards=None, *, tokens, lam=1.0, normalize=None, f
                 tensor, or a (B, num_items) tensor read at each trajectory's item (the
                 leaf's smallest item id when items share a title).
     lam:        λ > 0, the subtrajectory weight decay.
+    granularity: n >= 1, states every n tokens (paper Fig. 5; 1 is every token), or "item":
+                only the first and last states, i.e. trajectory balance.
     normalize:  "trie" (default for form="process") or "full"; form="flower" needs "full".
     form:       "process" (Eq. 11) or "flower" (parity with the published code).
     pref_mode:  "div" (log r / p) or "add" (log r + pref_weight·log p).
@@ -84,9 +92,10 @@ def subtb_loss(logits, trie, rewards=None, *, tokens, lam=1.0, normalize=None, f
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad must be a bool, got {describe(inplace_grad)}")
     _check_inputs(logits, tokens, trie)
+    period = _period(granularity, tokens)
     _check_lam(lam, tokens.shape[1], compute_dtype(logits.dtype))
     _check_rewards(rewards, tokens.shape[0], trie.num_items, _logits_source(logits))
-    options = (float(lam), form, normalize, pref_mode, float(pref_weight), on_invalid, backend)
+    options = (float(lam), period, form, normalize, pref_mode, float(pref_weight), on_invalid, backend)
     if inplace_grad and logits.requires_grad and torch.is_grad_enabled():
         return _subtb_loss_inplace_grad(logits, tokens, trie, rewards, options, reduction)
     arrays, ints, log_z = _pack(trie)
@@ -96,7 +105,7 @@ def subtb_loss(logits, trie, rewards=None, *, tokens, lam=1.0, normalize=None, f
 
 def linear_subtb_loss(hidden, weight, trie, rewards=None, *, tokens, bias=None, lam=1.0, normalize=None,
                       form="process", pref_mode="div", pref_weight=1.0, reduction="mean", on_invalid="error",
-                      backend="auto"):
+                      backend="auto", granularity=1):
     """subtb_loss of the logits hidden @ weight.T + bias, computed without forming them.
 
     hidden:  (B, T, H) float16/bfloat16/float32/float64, any strides: hidden[b, t] is the
@@ -114,9 +123,10 @@ def linear_subtb_loss(hidden, weight, trie, rewards=None, *, tokens, bias=None, 
     normalize = _check_options(lam, normalize, form, pref_mode, pref_weight, reduction, on_invalid)
     check_choice("backend", backend, BACKENDS)
     source = _check_head_inputs(hidden, weight, bias, tokens, trie)
+    period = _period(granularity, tokens)
     _check_lam(lam, tokens.shape[1], compute_dtype(hidden.dtype))
     _check_rewards(rewards, tokens.shape[0], trie.num_items, source)
-    options = (float(lam), form, normalize, pref_mode, float(pref_weight), on_invalid, backend)
+    options = (float(lam), period, form, normalize, pref_mode, float(pref_weight), on_invalid, backend)
     arrays, ints, log_z = _pack(trie)
     loss, loss_weight, *_ = torch.ops.flowkern.linear_subtb_loss(hidden, weight, bias, tokens, arrays, ints, log_z,
                                                                  rewards, *options)
@@ -183,10 +193,11 @@ class _SequenceLogProbs(torch.autograd.Function):
         return (None,) * 4 + tuple(grads)
 
 
-def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, *, reduction="mean"):
+def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, *, reduction="mean", granularity=1):
     """The Flower form's loss from its per-state pieces, each (B, T): row b uses states
     0 .. lengths[b] (lengths[b] ≤ T − 1 is the position of its termination token) and
-    ignores the rest.  See the module docstring for δ and the pair sum."""
+    ignores the rest; granularity as in subtb_loss.  See the module docstring for δ and the
+    pair sum."""
     _check_options(lam, "full", "flower", "div", 1.0, reduction, "error")
     pieces = {"log_pf": log_pf, "log_pterm": log_pterm, "log_r": log_r}
     for name, value in pieces.items():
@@ -196,6 +207,7 @@ def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, *, reduction
             raise ValueError(f"{name} has shape {tuple(value.shape)} on {value.device} but log_pf has "
                              f"{tuple(log_pf.shape)} on {log_pf.device}: they must match")
     batch, steps = log_pf.shape
+    period = _period(granularity, log_pf)
     if not isinstance(lengths, torch.Tensor) or lengths.shape != (batch,) or lengths.dtype.is_floating_point:
         raise ValueError(f"lengths must be a ({batch},) integer tensor, got {describe(lengths)}")
     lengths = lengths.to(log_pf.device, torch.long)
@@ -206,7 +218,7 @@ def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, *, reduction
         if not bool(torch.isfinite(value[used]).all()):
             raise ValueError(f"{name} holds NaN or inf at a state the loss uses")
     _check_lam(lam, steps, log_pf.dtype)
-    loss, weight = _PairSum.apply(eager.modified_deltas(log_pf, log_pterm, log_r), lengths + 1, lam)
+    loss, weight = _PairSum.apply(eager.modified_deltas(log_pf, log_pterm, log_r), lengths + 1, lam, period)
     if not bool(torch.isfinite(loss).all()):
         b = int((~torch.isfinite(loss)).nonzero()[0])
         largest = max(float(value[b][used[b]].abs().max()) for value in pieces.values())
@@ -219,8 +231,8 @@ class _PairSum(torch.autograd.Function):
     """(loss_b, weight_b) of eager.subtrajectory_balance, differentiable w.r.t. δ."""
 
     @staticmethod
-    def forward(ctx, delta, num_states, lam):
-        loss, weight, grad = eager.subtrajectory_balance(delta, num_states, lam)
+    def forward(ctx, delta, num_states, lam, period):
+        loss, weight, grad = eager.subtrajectory_balance(delta, num_states, lam, period)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(weight)
         return loss, weight
@@ -228,7 +240,7 @@ class _PairSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss[:, None], None, None
+        return grad * grad_loss[:, None], None, None, None
 
 
 def _reduce(loss, weight, reduction):
@@ -258,18 +270,18 @@ def _unpack(arrays, ints, log_z):
 
 @torch.library.custom_op("flowkern::subtb_loss", mutates_args=())
 def _subtb_loss_op(logits: torch.Tensor, tokens: torch.Tensor, trie_arrays: list[torch.Tensor],
-                   trie_ints: list[int], log_z: float, rewards: Optional[torch.Tensor], lam: float, form: str,
-                   normalize: str, pref_mode: str, pref_weight: float, on_invalid: str,
+                   trie_ints: list[int], log_z: float, rewards: Optional[torch.Tensor], lam: float, period: int,
+                   form: str, normalize: str, pref_mode: str, pref_weight: float, on_invalid: str,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor]:
     """(loss_b, weight_b, nodes, length, lse, g): see _forward."""
     trie = _unpack(trie_arrays, trie_ints, log_z)
     return _forward(_logits_source(logits), tokens, trie, rewards,
-                    (lam, form, normalize, pref_mode, pref_weight, on_invalid, backend))
+                    (lam, period, form, normalize, pref_mode, pref_weight, on_invalid, backend))
 
 
 @_subtb_loss_op.register_fake
-def _(logits, tokens, trie_arrays, trie_ints, log_z, rewards, lam, form, normalize, pref_mode, pref_weight,
+def _(logits, tokens, trie_arrays, trie_ints, log_z, rewards, lam, period, form, normalize, pref_mode, pref_weight,
       on_invalid, backend):
     return _fake_forward(logits, tokens)
 
@@ -304,7 +316,7 @@ def _(grad_loss, logits, tokens, trie_arrays, trie_ints, log_z, nodes, length, l
 
 
 def _setup_context(ctx, inputs, output):
-    logits, tokens, trie_arrays, trie_ints, log_z, _, _, form, normalize, _, _, _, backend = inputs
+    logits, tokens, trie_arrays, trie_ints, log_z, _, _, _, form, normalize, _, _, _, backend = inputs
     _, weight, nodes, length, lse, g = output
     ctx.mark_non_differentiable(weight, lse, g)
     ctx.save_for_backward(logits, tokens, nodes, length, lse, g, *trie_arrays)
@@ -316,7 +328,7 @@ def _backward(ctx, grad_loss, *_):
     trie_ints, log_z, form, normalize, backend = ctx.options
     grad = torch.ops.flowkern.subtb_loss_backward(grad_loss, logits, tokens, trie_arrays, trie_ints, log_z, nodes,
                                                   length, lse, g, form, normalize, backend)
-    return (grad, None, [None] * len(trie_arrays)) + (None,) * 10
+    return (grad, None, [None] * len(trie_arrays)) + (None,) * 11
 
 
 torch.library.register_autograd("flowkern::subtb_loss", _backward, setup_context=_setup_context)
@@ -328,18 +340,19 @@ torch.library.register_autograd("flowkern::subtb_loss", _backward, setup_context
 @torch.library.custom_op("flowkern::linear_subtb_loss", mutates_args=())
 def _linear_subtb_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           tokens: torch.Tensor, trie_arrays: list[torch.Tensor], trie_ints: list[int], log_z: float,
-                          rewards: Optional[torch.Tensor], lam: float, form: str, normalize: str, pref_mode: str,
+                          rewards: Optional[torch.Tensor], lam: float, period: int, form: str, normalize: str,
+                          pref_mode: str,
                           pref_weight: float, on_invalid: str,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor, torch.Tensor]:
     """(loss_b, weight_b, nodes, length, lse, g): see _forward."""
     trie = _unpack(trie_arrays, trie_ints, log_z)
     return _forward(_head_source(hidden, weight, bias), tokens, trie, rewards,
-                    (lam, form, normalize, pref_mode, pref_weight, on_invalid, backend))
+                    (lam, period, form, normalize, pref_mode, pref_weight, on_invalid, backend))
 
 
 @_linear_subtb_loss_op.register_fake
-def _(hidden, weight, bias, tokens, trie_arrays, trie_ints, log_z, rewards, lam, form, normalize, pref_mode,
+def _(hidden, weight, bias, tokens, trie_arrays, trie_ints, log_z, rewards, lam, period, form, normalize, pref_mode,
       pref_weight, on_invalid, backend):
     return _fake_forward(hidden, tokens)
 
@@ -367,7 +380,7 @@ def _(grad_loss, hidden, weight, bias, tokens, trie_arrays, trie_ints, log_z, no
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, tokens, trie_arrays, trie_ints, log_z, _, _, form, normalize, _, _, _, backend = inputs
+    hidden, weight, bias, tokens, trie_arrays, trie_ints, log_z, _, _, _, form, normalize, _, _, _, backend = inputs
     _, loss_weight, nodes, length, lse, g = output
     ctx.mark_non_differentiable(loss_weight, lse, g)
     ctx.save_for_backward(hidden, weight, bias, tokens, nodes, length, lse, g, *trie_arrays)
@@ -382,7 +395,7 @@ def _linear_backward(ctx, grad_loss, *_):
                                                                *ctx.options[:2], nodes, length, lse, g,
                                                                *ctx.options[2:], needs_weight, needs_bias)
     grads = (dh if needs_hidden else None, dw if needs_weight else None, db if needs_bias else None)
-    return grads + (None, [None] * len(trie_arrays)) + (None,) * 10
+    return grads + (None, [None] * len(trie_arrays)) + (None,) * 11
 
 
 torch.library.register_autograd("flowkern::linear_subtb_loss", _linear_backward, setup_context=_linear_setup_context)
@@ -403,9 +416,9 @@ class _InplaceGrad(torch.autograd.Function):
         loss, weight, nodes, length, lse, g = _forward(_logits_source(logits), tokens, trie, rewards, options)
         reduced = _reduce(loss, weight, reduction)
         scale = 1.0 / weight.sum().clamp(min=1.0) if reduction == "mean" else 1.0
-        normalize, backend = options[2], options[6]
+        normalize, backend = options[3], options[7]
         _backend(backend, logits.device).logits_grad(logits, tokens, nodes, length, trie, lse, g * scale,
-                                                     normalize, options[1] == "flower", logits)
+                                                     normalize, options[2] == "flower", logits)
         torch.autograd.graph.increment_version(logits)
         ctx.grad, ctx.per_row = logits, reduction == "none"
         return reduced
@@ -421,12 +434,12 @@ class _InplaceGrad(torch.autograd.Function):
 def _forward(source, tokens, trie, rewards, options):
     """Run the stages on the chosen backend, log π read from `source`, and check what they
     read: returns (loss_b, weight_b, nodes, length, lse, g) with g = ∂loss_b/∂δ_t."""
-    lam, form, normalize, pref_mode, pref_weight, on_invalid, backend = options
+    lam, period, form, normalize, pref_mode, pref_weight, on_invalid, backend = options
     stages = _backend(backend, source.tensor.device)
     walk, preference = stages.walk_rewards(tokens, trie, rewards, pref_mode, pref_weight)
     flower = form == "flower"
     log_pf, log_pterm, lse = source.log_probs(stages, tokens, walk.nodes, walk.length, trie, normalize, flower)
-    loss, weight, g = stages.pair_sum(log_pf, log_pterm, walk.log_reward, walk.length, lam)
+    loss, weight, g = stages.pair_sum(log_pf, log_pterm, walk.log_reward, walk.length, lam, period)
     _check_read_values(walk, tokens, source, trie, on_invalid, rewards, preference, log_pf, log_pterm,
                        (loss, weight, g), (lam, pref_mode, pref_weight))
     return loss, weight, walk.nodes, walk.length, lse, g
@@ -515,6 +528,16 @@ def _check_options(lam, normalize, form, pref_mode, pref_weight, reduction, on_i
     check_number("lam", lam, positive=True)
     check_number("pref_weight", pref_weight, positive=False)
     return normalize
+
+
+def _period(granularity, tokens):
+    """The state spacing `granularity` asks for: n, or for "item" more than the T positions
+    of `tokens` (only the first and last states are multiples of T + 1 or the last)."""
+    if granularity == "item":
+        return tokens.shape[1] + 1
+    if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
+        raise ValueError(f"granularity must be an int >= 1 or 'item', got {granularity!r}")
+    return granularity
 
 
 def _check_inputs(logits, tokens, trie):

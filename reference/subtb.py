@@ -11,7 +11,7 @@ NONTERMINAL_LOG_REWARD = -15.0
 
 
 def subtb_loss(logits, trie, tokens, rewards=None, lam=1.0, normalize="trie", form="process",
-               pref_mode="div", pref_weight=1.0, reduction="mean", on_invalid="error"):
+               pref_mode="div", pref_weight=1.0, reduction="mean", on_invalid="error", granularity=1):
     """`trie` is a reference.trie.DictTrie; arguments as flowkern.subtb_loss."""
     losses, weights = [], []
     for b in range(logits.shape[0]):
@@ -34,7 +34,7 @@ def subtb_loss(logits, trie, tokens, rewards=None, lam=1.0, normalize="trie", fo
             log_r_states = [sum(log_r[:k]) + (NONTERMINAL_LOG_REWARD if k < length else log_r[length])
                             for k in range(length + 1)]
             deltas = modified_deltas(log_pf, log_pterm, log_r_states, length)
-        loss, weight = pair_sum(deltas, lam)
+        loss, weight = pair_sum(deltas, lam, granularity)
         losses.append(loss)
         weights.append(weight)
     return reduce(losses, weights, reduction)
@@ -57,13 +57,13 @@ def log_pi(row, state, token, normalize):
     return torch.log_softmax(row, 0)[token]
 
 
-def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, reduction="mean"):
+def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, reduction="mean", granularity=1):
     """Hu et al. (2024) modified SubTB over states 0..lengths[b] of each row."""
     losses, weights = [], []
     for b in range(log_pf.shape[0]):
         length = int(lengths[b])
         deltas = modified_deltas(log_pf[b], log_pterm[b], log_r[b], length)
-        loss, weight = pair_sum(deltas, lam)
+        loss, weight = pair_sum(deltas, lam, granularity)
         losses.append(loss)
         weights.append(weight)
     return reduce(losses, weights, reduction)
@@ -73,16 +73,20 @@ def modified_deltas(log_pf, log_pterm, log_r, length):
     return [log_r[k] + log_pf[k] + log_pterm[k + 1] - log_r[k + 1] - log_pterm[k] for k in range(length)]
 
 
-def pair_sum(deltas, lam):
-    """Σ_{m<n} λ^(n−m−1) (D_n − D_m)² with D_k = Σ_{t<k} δ_t, and Σ_{m<n} λ^(n−m−1)."""
+def pair_sum(deltas, lam, granularity=1):
+    """Σ_{i<j} λ^(j−i−1) (D_{k_j} − D_{k_i})² with D_k = Σ_{t<k} δ_t over the kept states
+    k_0 < k_1 < …: every `granularity`-th state and the last one (only the first and the
+    last for "item"), and Σ_{i<j} λ^(j−i−1)."""
     cumulative = [torch.zeros((), dtype=torch.float64)]
     for delta in deltas:
         cumulative.append(cumulative[-1] + delta)
+    last = len(cumulative) - 1
+    kept = [k for k in range(last + 1) if k == last or (k == 0 if granularity == "item" else k % granularity == 0)]
     loss, weight = torch.zeros((), dtype=torch.float64), 0.0
-    for n in range(len(cumulative)):
-        for m in range(n):
-            loss = loss + lam ** (n - m - 1) * (cumulative[n] - cumulative[m]) ** 2
-            weight += lam ** (n - m - 1)
+    for j in range(len(kept)):
+        for i in range(j):
+            loss = loss + lam ** (j - i - 1) * (cumulative[kept[j]] - cumulative[kept[i]]) ** 2
+            weight += lam ** (j - i - 1)
     return loss, weight
 
 

@@ -313,7 +313,7 @@ def test_no_tensor_grows_with_rows_times_vocabulary(form, normalize, monkeypatch
     tokens = torch.tensor(rows)
     hidden = torch.randn(len(rows), 5, 8, generator=generator)
     weight = torch.randn(30_000, 8, generator=generator)
-    options = (1.0, form, normalize, "div", 1.0, "error", "torch")
+    options = (1.0, 1, form, normalize, "div", 1.0, "error", "torch")
     with LargestTensor() as mode:
         _, _, nodes, length, lse, g = ops._forward(ops._head_source(hidden, weight, None), tokens, trie, None, options)
         head.grad(hidden, weight, None, tokens, nodes, length, trie, lse, g, normalize, form == "flower", True, False)

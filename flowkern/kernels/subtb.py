@@ -12,6 +12,12 @@ pairs those left moments (P_t = M_0(t+1), Q_t = M_1(t+1)) with right ones from a
 of the same form: R_t = Σ_{n>t} λ^(n−t−1), U'_t = Σ_{n>t} λ^(n−t−1) (D_n − D_t), U_t = U'_t − δ_t R_t.
 O(T) work per row for any λ > 0, no power of λ formed.
 
+Granularity (states every n tokens, paper Fig. 5): only the coarse states (multiples of n
+and the last state) enter the sum, with λ's exponent counted in coarse steps.  The moments
+about the current position then move with λ, and gain a new left end, only from a coarse
+state; elsewhere a lane just shifts them by δ (λ → 1, the "+1, +δ, +δ²" dropped).  The right
+scan does the same with the lanes that end at a coarse state, and the loss sums M_2 there.
+
 δ_t is log π_t − log r_t (process form, K = L + 2) or, for the Flower form (K = L + 1),
 log π(x_t) + log π_term(s_{t+1}) − log π_term(s_t) − log r_t, minus (log r_L − c) at t = L − 1
 (the state log rewards of flowkern.ops telescoped, c = −15).
@@ -40,43 +46,53 @@ def _compose_second_moment(a1, c1, d1, e1, p1, q1, s1, a2, c2, d2, e2, p2, q2, s
 
 @triton.jit
 def _pair_sum_kernel(log_pf_ptr, log_pterm_ptr, log_r_ptr, length_ptr, loss_ptr, weight_ptr, grad_ptr, steps, lam_ptr,
-                     nonterminal, FLOWER: tl.constexpr, BLOCK_T: tl.constexpr):
+                     nonterminal, period, FLOWER: tl.constexpr, BLOCK_T: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     length = tl.load(length_ptr + b)
     t = tl.arange(0, BLOCK_T)
     row = b * steps + t
     if FLOWER:
-        live = t < length
+        last = length
         last_log_r = tl.load(log_r_ptr + b * steps + length, mask=length >= 0, other=0.0)
-        delta = tl.load(log_pf_ptr + row, mask=live, other=0.0).to(tl.float64) \
-            + tl.load(log_pterm_ptr + row + 1, mask=live, other=0.0).to(tl.float64) \
-            - tl.load(log_pterm_ptr + row, mask=live, other=0.0).to(tl.float64) \
-            - tl.load(log_r_ptr + row, mask=live, other=0.0) \
+        delta = tl.load(log_pf_ptr + row, mask=t < last, other=0.0).to(tl.float64) \
+            + tl.load(log_pterm_ptr + row + 1, mask=t < last, other=0.0).to(tl.float64) \
+            - tl.load(log_pterm_ptr + row, mask=t < last, other=0.0).to(tl.float64) \
+            - tl.load(log_r_ptr + row, mask=t < last, other=0.0) \
             - tl.where(t == length - 1, last_log_r - nonterminal, 0.0)
     else:
-        live = t <= length
-        delta = tl.load(log_pf_ptr + row, mask=live, other=0.0).to(tl.float64) \
-            - tl.load(log_r_ptr + row, mask=live, other=0.0)
+        last = length + 1
+        delta = tl.load(log_pf_ptr + row, mask=t < last, other=0.0).to(tl.float64) \
+            - tl.load(log_r_ptr + row, mask=t < last, other=0.0)
+    live = t < last  # lane t moves from state t to t + 1
     delta = tl.where(live, delta, 0.0)
-    decay = tl.where(live, tl.load(lam_ptr), 1.0)  # lanes past the end are the identity map
+    # Coarse states (granularity): lane t starts at one if t is a multiple of the period, and
+    # ends at one if t + 1 is, or is the last state.  Only a coarse start decays the moments
+    # and counts as a new left end; only coarse ends add to the loss.
+    starts = live & (t % period == 0)
+    ends = live & (((t + 1) % period == 0) | (t + 1 == last))
+    lam = tl.load(lam_ptr)
     one = tl.where(live, 1.0, 0.0).to(tl.float64)
+    decay = tl.where(starts, lam, 1.0)  # lanes past the end are the identity map
+    new = tl.where(starts, one, 0.0)
     step = decay * delta
-    _, _, _, _, m0, m1, m2 = tl.associative_scan((decay, step, 2 * step, step * delta, one, delta, delta * delta),
-                                                 0, _compose_second_moment)
-    _, _, right, right_moment = tl.associative_scan((decay, step, one, delta), 0, _compose_first_moment,
-                                                    reverse=True)
+    _, _, _, _, m0, m1, m2 = tl.associative_scan((decay, step, 2 * step, step * delta, new, new * delta,
+                                                  new * delta * delta), 0, _compose_second_moment)
+    right_decay = tl.where(ends, lam, 1.0)
+    right_new = tl.where(ends, one, 0.0)
+    _, _, right, right_moment = tl.associative_scan((right_decay, right_decay * delta, right_new, right_new * delta),
+                                                    0, _compose_first_moment, reverse=True)
     grad = 2 * (m0 * (right_moment - delta * right) + m1 * right)
     tl.store(grad_ptr + row, tl.where(live, grad, 0.0).to(grad_ptr.dtype.element_ty), mask=t < steps)
-    tl.store(loss_ptr + b, tl.sum(tl.where(live, m2, 0.0), 0).to(loss_ptr.dtype.element_ty))
-    tl.store(weight_ptr + b, tl.sum(tl.where(live, m0, 0.0), 0).to(weight_ptr.dtype.element_ty))
+    tl.store(loss_ptr + b, tl.sum(tl.where(ends, m2, 0.0), 0).to(loss_ptr.dtype.element_ty))
+    tl.store(weight_ptr + b, tl.sum(tl.where(ends, m0, 0.0), 0).to(weight_ptr.dtype.element_ty))
 
 
-def pair_sum(log_pf, log_pterm, log_r, length, lam):
+def pair_sum(log_pf, log_pterm, log_r, length, lam, period=1):
     """As flowkern.eager.pair_sum: (loss_b, weight_b, g (B, T)) in log_pf's dtype."""
     batch, steps = log_pf.shape
     loss, weight = (torch.empty(batch, dtype=log_pf.dtype, device=log_pf.device) for _ in range(2))
     grad = torch.empty_like(log_pf)
     _pair_sum_kernel[(batch,)](log_pf, log_pf if log_pterm is None else log_pterm, log_r, length, loss, weight, grad,
-                               steps, float64_scalar(lam, log_pf.device), NONTERMINAL_LOG_REWARD, FLOWER=log_pterm is not None,
-                               BLOCK_T=triton.next_power_of_2(steps))
+                               steps, float64_scalar(lam, log_pf.device), NONTERMINAL_LOG_REWARD, period,
+                               FLOWER=log_pterm is not None, BLOCK_T=triton.next_power_of_2(steps))
     return loss, weight, grad

@@ -6,8 +6,8 @@
     trainer = flowkern.FlowerTrainer(model, flowkern.FlowerConfig(...), flowkern.load_task(...))
 """
 
-from flowkern.generation import (Children, Recommendations, Samples, TrieLogitsProcessor, children_logits,
-                                 mask_logits, recommend, sample)
+from flowkern.generation import (Children, D3LogitsProcessor, Recommendations, Samples, TrieLogitsProcessor,
+                                 children_logits, mask_logits, node_log_masses, recommend, sample)
 from flowkern.ops import (NONTERMINAL_LOG_REWARD, linear_sequence_log_probs, linear_subtb_loss, modified_subtb_loss,
                           sequence_log_probs, subtb_loss)
 from flowkern.head import LinearHead, linear_head
@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 __all__ = ["Trie", "TrieWalk", "subtb_loss", "modified_subtb_loss", "sequence_log_probs", "NONTERMINAL_LOG_REWARD",
            "linear_subtb_loss", "linear_sequence_log_probs",
            "sample", "Samples", "recommend", "Recommendations", "mask_logits", "children_logits", "Children",
-           "TrieLogitsProcessor", "SubTBLoss", "LinearSubTBLoss", "linear_head", "LinearHead",
+           "TrieLogitsProcessor", "node_log_masses", "D3LogitsProcessor", "SubTBLoss", "LinearSubTBLoss",
+           "linear_head", "LinearHead",
            "FlowerTrainer", "FlowerConfig", "load_task"]
 
 

@@ -8,12 +8,25 @@ At a trie node s the model may only emit a child token of s; the constrained pol
   sample             ancestral sampling of rollouts with a KV cache, per-row temperature
   recommend          beam search for the top-K items by sequence log-probability
   TrieLogitsProcessor  the same constraint for Hugging Face `model.generate`
+  node_log_masses    log M_p(n), the collaborative mass of every trie node for each prompt
+  D3LogitsProcessor  recommend's D3 ensemble (below) for `model.generate`
 
 `sample` and `recommend` take restricted_head=True to run only the model's body and compute
 the children's logits from its last hidden state and the output layer's rows at the
 children's tokens (flowkern/head.py): the same policy without the (B, V) logits of a step.
+
+D3's text-free ensemble ("Decoding Matters", Bao et al. 2024; the Flower paper's D3
+baseline).  A collaborative model scores every item i for prompt p, s_p(i) ≥ 0; the mass of
+node n is M_p(n) = Σ_{items i under n} s_p(i), and at node n the decoder scores child c by
+
+    (1 − α) · log π(c | n) + α · log(M_p(c) / M_p(n)),   α ∈ [0, 1],
+
+π the trie policy.  α = 0 is the trie policy alone; along an item the second terms add up
+to log(s_p(i) / Σ_j s_p(j)), so α = 1 ranks by the collaborative model alone.  A child of
+zero mass scores −inf when α > 0; a term of weight 0 is left out (0 · −inf is no NaN).
 """
 
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -142,14 +155,16 @@ class Recommendations(NamedTuple):
     """Top-K items per prompt from `recommend`, best first."""
 
     items: torch.Tensor    # (P, K) item ids (the smallest id if items share a title), −1 where fewer exist
-    scores: torch.Tensor   # (P, K) sequence log-probabilities under the trie policy, −inf where fewer exist
+    scores: torch.Tensor   # (P, K) sequence log-probabilities under the trie policy (with item_scores: the
+    #                        sums of D3's mixed scores), −inf where fewer exist
     titles: Optional[list]  # titles[p][j] of items[p, j] when `titles` was given
 
 
 @torch.no_grad()
 def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional[int] = None, titles=None,
               length_normalize: bool = False, temperature: float = 1.0, restricted_head=False,
-              batch_size: Optional[int] = None) -> Recommendations:
+              batch_size: Optional[int] = None, item_scores: Optional[torch.Tensor] = None,
+              alpha: float = 0.0) -> Recommendations:
     """The K best distinct items for each prompt by beam search under the trie-constrained
     policy, ranked by sequence log-probability Σ_t log π_t (termination token included).
 
@@ -166,6 +181,13 @@ def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional
     batch_size:       prompts searched together, their beams one batch of the model (default:
                       all).  The prompts are sorted by length first, so that a batch pads little;
                       the results come back in the order of `prompt_ids`.
+    item_scores, alpha: D3's ensemble (module docstring): a collaborative model's (P, num_items)
+                      scores, finite, ≥ 0, each row summing to > 0 (a softmax over SASRec's
+                      logits, say), and the weight α ∈ [0, 1] of their log shares.  Each step
+                      then scores a child (1 − α) log π + α log(M_p(c) / M_p(n)), and the
+                      returned scores are these sums.  Each term is ≤ 0, so the early stop
+                      above still holds.  α = 0 (the default) is the trie policy alone; a
+                      batch's P × num_nodes masses (node_log_masses) are held while it searches.
     """
     _device(model, trie)
     check_count("k", k)
@@ -178,11 +200,19 @@ def recommend(model, prompt_ids, trie: Trie, k: int = 10, *, num_beams: Optional
         raise ValueError(f"titles must hold one title per item ({trie.num_items}), got {len(titles)}")
     if batch_size is not None:
         check_count("batch_size", batch_size)
+    alpha = _check_alpha(alpha)
     prompts = _prompt_rows(prompt_ids)
+    if item_scores is not None:
+        _check_item_scores(item_scores, trie, len(prompts))
+    elif alpha > 0:
+        raise ValueError(f"alpha = {alpha} weighs item_scores, but item_scores is None")
+    mixing = item_scores is not None and alpha > 0
     batches = _length_batches(prompts, batch_size)
     restricted_head = _linear_head(model, restricted_head)
     found = [_beam_search(_Decoder(model, [prompts[i] for i in batch], trie, restricted_head), k, beams,
-                          length_normalize, temperature) for batch in batches]
+                          length_normalize, temperature, alpha=alpha,
+                          log_mass=node_log_masses(item_scores[batch], trie) if mixing else None)
+             for batch in batches]
     inverse = torch.tensor([i for batch in batches for i in batch]).argsort().to(found[0][0].device)
     key, score, leaf = (torch.cat(parts)[inverse] for parts in zip(*found))
     items = torch.where(key > float("-inf"), trie.leaf_item(leaf), -1)
@@ -197,9 +227,11 @@ def _length_batches(prompts, batch_size):
     return [order[start:start + size] for start in range(0, len(order), size)]
 
 
-def _beam_search(decoder, k, beams, length_normalize, temperature):
+def _beam_search(decoder, k, beams, length_normalize, temperature, log_mass=None, alpha=0.0):
     """(key, score, leaf), each (P, K): the K best completed items of each of the decoder's
     prompts by ranking key, their log-probabilities and leaf nodes (key −inf where fewer).
+    With `log_mass` (P, num_nodes), the decoder's prompts' node_log_masses, each step's
+    log-probabilities are D3's mixed scores with weight `alpha` instead.
 
     Each prompt starts as one beam (its prefilled state) and keeps at most `beams`; a prompt
     leaves the model's batch once its search is over, a beam with no candidate left waits at a
@@ -218,6 +250,9 @@ def _beam_search(decoder, k, beams, length_normalize, temperature):
         width = children.tokens.shape[1]
         live, held = score.shape
         policy = torch.log_softmax(children.logits.float() / temperature, -1)  # NaN in a parked beam's row
+        if log_mass is not None:  # decoder.prompt: the prompt of each beam (row), as beams move
+            shares = _log_shares(log_mass, decoder.prompt[:, None], node[:, None], children.nodes)
+            policy = _mixed(policy, torch.where(children.nodes > 0, shares, float("-inf")), alpha)
         candidate = torch.where(score.view(-1, 1) > float("-inf"), score.view(-1, 1) + policy, float("-inf"))
         candidate = candidate.view(live, -1)
         ends = (children.tokens == eos).view(live, -1)
@@ -229,6 +264,7 @@ def _beam_search(decoder, k, beams, length_normalize, temperature):
         best_key[active] = top_key
 
         score, pick = torch.where(ends, float("-inf"), candidate).topk(min(beams, candidate.shape[1]), dim=1)
+        # no partial title can gain score (each step's term is ≤ 0, a log π or D3's mix of two)
         searching = score[:, 0] > (float("-inf") if length_normalize else top_key[:, -1])
         if not bool(searching.any()):
             break
@@ -240,6 +276,41 @@ def _beam_search(decoder, k, beams, length_normalize, temperature):
         decoder.select(source)
         decoder.step(children.tokens.view(-1)[flat])
     return best_key, best_score, best_leaf
+
+
+def node_log_masses(item_scores: torch.Tensor, trie: Trie) -> torch.Tensor:
+    """log M_p(n) = log Σ_{items i under n} s_p(i) for each row p of `item_scores` (P,
+    num_items; finite, ≥ 0, each row summing to > 0) and every trie node n: a (P, num_nodes)
+    float64 tensor on the trie's device, −inf where no item below n scores > 0.  Items that
+    share a title each count.  Bottom up: the scores are added onto their leaves, then each
+    depth's masses into their parents, one vectorised index_add a depth.  Holds P × num_nodes
+    float64 values (8 bytes each) and a float64 copy of the scores."""
+    _check_trie(trie)
+    _check_item_scores(item_scores, trie, None)
+    mass = torch.zeros(item_scores.shape[0], trie.num_nodes, dtype=torch.float64, device=trie.device)
+    mass.index_add_(1, trie.item_leaf.long(), item_scores.to(trie.device, torch.float64))
+    nodes = torch.arange(1, trie.num_nodes, device=trie.device)
+    parent = torch.searchsorted(trie.offsets, nodes - 1, right=True) - 1  # node n's edge n − 1 is its parent's
+    levels = trie.level_offsets.tolist()
+    for above, begin, end in reversed(list(zip(levels, levels[1:-1], levels[2:]))):
+        mass[:, above:begin].index_add_(1, parent[begin - 1:end - 1] - above, mass[:, begin:end])
+    return mass.log()
+
+
+def _log_shares(log_mass, prompt, node, child):
+    """log(M_p(c) / M_p(n)) of rows p = prompt of `log_mass`, nodes n and their children c
+    (indices that broadcast together), float32; −inf where M_p(c) = 0 (never NaN)."""
+    child_mass = log_mass[prompt, child]
+    return torch.where(child_mass > float("-inf"), child_mass - log_mass[prompt, node], float("-inf")).float()
+
+
+def _mixed(log_policy, log_shares, alpha):
+    """(1 − α) · log π + α · log share, a term of weight 0 left out."""
+    if alpha == 0:
+        return log_policy
+    if alpha == 1:
+        return log_shares
+    return (1 - alpha) * log_policy + alpha * log_shares
 
 
 class TrieLogitsProcessor(LogitsProcessor):
@@ -271,14 +342,51 @@ class TrieLogitsProcessor(LogitsProcessor):
         walk = self.trie.walk(generated)
         node = walk.nodes[:, -1]
         finished = (walk.length >= 0) | (node < 0)  # ended an item, or left the trie
-        masked = mask_logits(scores, torch.where(finished, 0, node), self.trie)
+        node = torch.where(finished, 0, node)
+        masked = mask_logits(scores, node, self.trie)
         _check_children_scores("scores", masked.masked_fill(finished[:, None], 0.0), allow_all_minus_inf=True)
         lse = torch.logsumexp(masked, dim=-1, keepdim=True)
         allowed = torch.where(lse > float("-inf"), masked - lse, float("-inf"))
         ended = torch.full_like(scores, float("-inf"))
         for token in {self.trie.eos_token_id, self.pad_token_id} - {None}:
             ended[:, token] = 0.0
-        return torch.where(finished[:, None], ended, allowed)
+        return torch.where(finished[:, None], ended, self._next_token_scores(allowed, node))
+
+    def _next_token_scores(self, log_policy, node):
+        """The scores of the rows still in an item, at trie nodes `node`: the trie policy's."""
+        return log_policy
+
+
+class D3LogitsProcessor(TrieLogitsProcessor):
+    """`recommend(..., item_scores, alpha)` for Hugging Face `model.generate`: as
+    TrieLogitsProcessor (the same walk, termination and checks), but a child c of a row's
+    node n scores D3's (1 − α) log π(c | n) + α log(M_p(c) / M_p(n)) (module docstring).
+
+        processor = D3LogitsProcessor(trie, input_ids.shape[1], item_scores, alpha, num_beams=4)
+        model.generate(input_ids, logits_processor=[processor], num_beams=4, length_penalty=0.0, ...)
+
+    item_scores is (P, num_items), a row per prompt of input_ids (finite, ≥ 0, each row
+    summing to > 0); `generate` runs num_beams rows per prompt, prompt-major, so row r is
+    prompt r // num_beams (when sampling, pass num_return_sequences as num_beams).  Its
+    node_log_masses, P × num_nodes float64, are computed here and held."""
+
+    def __init__(self, trie: Trie, prompt_length: int, item_scores: torch.Tensor, alpha: float,
+                 pad_token_id: Optional[int] = None, num_beams: int = 1):
+        super().__init__(trie, prompt_length, pad_token_id)
+        check_count("num_beams", num_beams)
+        self.alpha, self.num_beams = _check_alpha(alpha), num_beams
+        self.log_mass = node_log_masses(item_scores, trie)
+
+    def _next_token_scores(self, log_policy, node):
+        prompts = self.log_mass.shape[0]
+        if node.shape[0] != prompts * self.num_beams:
+            raise ValueError(f"input_ids has {node.shape[0]} rows, but item_scores' {prompts} prompts × num_beams = "
+                             f"{self.num_beams} make {prompts * self.num_beams}")
+        row, edges, _ = trie_children(node, self.trie)
+        shares = torch.full_like(log_policy, float("-inf"))
+        shares[row, self.trie.tokens[edges].long()] = _log_shares(
+            self.log_mass, row // self.num_beams, node[row], edges + 1).to(shares.dtype)
+        return _mixed(log_policy, shares, self.alpha)
 
 
 class _Decoder:
@@ -424,6 +532,32 @@ def _check_children_scores(name, values, allow_all_minus_inf):
         raise ValueError(f"{name} give every child of row {b}'s trie node −inf: the trie policy has no item to take")
     raise ValueError(f"{name} hold NaN or +inf at the trie children of row {b}: "
                      f"{values[b][bad[b]].tolist()[:4]}; the trie policy needs finite logits there")
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def _check_item_scores(item_scores, trie, prompts):
+    """item_scores must be a (prompts, num_items) float tensor (any rows if prompts is None),
+    finite, ≥ 0, each row with a sum > 0 and finite."""
+    rows = "P" if prompts is None else prompts
+    if not isinstance(item_scores, torch.Tensor) or not item_scores.dtype.is_floating_point \
+            or item_scores.dim() != 2 or item_scores.shape[1] != trie.num_items \
+            or (prompts is not None and item_scores.shape[0] != prompts):
+        raise ValueError(f"item_scores must be a ({rows}, {trie.num_items}) float tensor, a score per prompt and "
+                         f"item, got {describe(item_scores)}")
+    bad = ~torch.isfinite(item_scores) | (item_scores < 0)
+    if bool(bad.any()):
+        p = int(bad.any(1).nonzero()[0])
+        raise ValueError(f"item_scores must be finite and >= 0, got {item_scores[p][bad[p]].tolist()[:4]} in row {p}")
+    total = item_scores.double().sum(1)
+    wrong = ~(torch.isfinite(total) & (total > 0))
+    if bool(wrong.any()):
+        p = int(wrong.nonzero()[0])
+        raise ValueError(f"item_scores must have a finite sum > 0 in every row, got {float(total[p])} in row {p}")
 
 
 def _check_trie(trie):

@@ -113,6 +113,19 @@ def popularity_groups(titles, train_counts) -> tuple:
     return np.array([group_of_title[t] for t in titles]), share / share.sum()
 
 
+def ifair_weights(task) -> np.ndarray:
+    """IFairLRS's per-item SFT weights (Jiang et al. 2024, item-side fairness; the Flower
+    repository's item_side_reweight.py): an example whose target is in popularity group g
+    weighs w(g) = p_train(g) / q(g), p_train(g) the group's share of the training histories'
+    interactions (Task.popularity_groups) and q(g) its share of the training targets.  Groups
+    over-represented among targets relative to the histories are weighed down; the weights
+    average 1 over the training targets.  A group no training target is in gets 1 (unused)."""
+    groups, p_train = task.popularity_groups()
+    q = np.bincount(groups[[example.target for example in task.train]], minlength=len(p_train)) / len(task.train)
+    per_group = np.divide(p_train, q, out=np.ones_like(p_train), where=q > 0)
+    return per_group[groups]
+
+
 def load_task(path, tokenizer, *, item_noun=None, prompt_template=None, max_history=None,
               chat_template=False) -> Task:
     """A directory (with history), a .json of title -> count (history-free), or a shipped

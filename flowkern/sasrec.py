@@ -276,6 +276,12 @@ class SASRecPreferences:
         return normalise_preferences(self.model(self.padded[rows].to(self.device)).float(), self.mode)
 
 
+def item_probabilities(model, device="cpu"):
+    """histories (lists of item ids) -> (rows, items) softmax of the SASRec's scores: the
+    collaborative distribution D3 mixes into decoding (FlowerTrainer's `collaborative`)."""
+    return lambda histories: torch.softmax(scores(model, histories, device), -1)
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 def main(argv=None):

@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 import flowkern
-from flowkern import plots
+from flowkern import plots, sasrec
 from flowkern.data import BUILTIN, DataError, load_preferences, load_task, resolve
 from flowkern.models import add_lora, load_model
 from flowkern.trainer import FlowerConfig, FlowerTrainer, ResumeError
@@ -49,7 +49,9 @@ class ScriptArguments:
     model: Optional[str] = field(default=None, metadata={
         "help": "nothing (embedded tiny Qwen2), 'smollm2', PATH/FILE.gguf, a model directory or a hub id "
                 "available offline"})
-    objective: Literal["flower", "sft"] = field(default="flower", metadata={"help": "sft: the BIGRec baseline, w = 0"})
+    objective: Literal["flower", "sft", "ifair"] = field(default="flower", metadata={
+        "help": "sft: the BIGRec baseline, w = 0; ifair: IFairLRS, SFT reweighted by popularity group "
+                "(--ifair-strength, default 1)"})
     lora_r: Optional[int] = field(default=None, metadata={
         "help": "LoRA rank; 0 trains every weight. Default: 8 for pretrained models, 0 for the embedded one"})
     pref: Optional[Literal["sasrec"]] = field(default=None, metadata={
@@ -67,6 +69,9 @@ class ScriptArguments:
     max_history: Optional[int] = field(default=None, metadata={"help": "keep each history's N most recent items"})
     chat_template: bool = field(default=False, metadata={"help": "wrap prompts in the tokenizer's chat template"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint in --out"})
+    eval_only: bool = field(default=False, metadata={
+        "help": "with history: no training; evaluate --model as it is on valid, then test once (e.g. another "
+                "decoding of a trained run: --model RUN_DIR --decode d3)"})
 
 
 class UsageError(Exception):
@@ -92,12 +97,15 @@ def run(argv=None):
     task = load_task(script.data, loaded.tokenizer, item_noun=script.item_noun,
                      prompt_template=script.prompt_template, max_history=script.max_history,
                      chat_template=script.chat_template)
-    preferences = _preferences(script, config, task)
-    lora_r = script.lora_r if script.lora_r is not None else (8 if loaded.pretrained else 0)
+    collaborative = _sasrec(script, config, task)
+    preferences = _preferences(script, config, task, collaborative)
+    lora_r = 0 if script.eval_only else script.lora_r if script.lora_r is not None else (8 if loaded.pretrained else 0)
     model = add_lora(loaded.model, lora_r) if lora_r > 0 else loaded.model
     if config.gradient_checkpointing:
         config.gradient_checkpointing_kwargs = {"use_reentrant": False}
     trainer = FlowerTrainer(model, config, task, preferences, processing_class=loaded.tokenizer,
+                            collaborative=None if collaborative is None else sasrec.item_probabilities(
+                                collaborative, config.device),
                             callbacks=[JsonLines(os.path.join(config.output_dir, "metrics.jsonl"), script.resume)])
     # With history the model is chosen on valid (before and during training, and at the end)
     # and test is read once, by the final model; history-free there is one distribution.
@@ -107,7 +115,9 @@ def run(argv=None):
     if main_process:
         write_config(config, script, loaded, task, trainer, lora_r)
     before_path = os.path.join(config.output_dir, "before.json")
-    if script.resume and os.path.exists(before_path):
+    if script.eval_only:
+        before = None
+    elif script.resume and os.path.exists(before_path):
         with open(before_path) as f:
             before = json.load(f)
     else:
@@ -116,15 +126,17 @@ def run(argv=None):
         if main_process:
             with open(before_path, "w") as f:
                 json.dump(before, f)
-    try:
-        trainer.train(resume_from_checkpoint=True if script.resume else None)
-    except ResumeError as error:
-        raise UsageError(error) from None
-    trainer.save_model()
+    if not script.eval_only:
+        try:
+            trainer.train(resume_from_checkpoint=True if script.resume else None)
+        except ResumeError as error:
+            raise UsageError(error) from None
+        trainer.save_model()
     valid = None
     if history:
         trainer.evaluate(metric_key_prefix="eval")
         valid = trainer.evaluation
+        before = before or summary(valid)  # --eval-only: the model as it is
         trainer.evaluate(task.test, metric_key_prefix="test")
     else:
         trainer.evaluate(metric_key_prefix="all")
@@ -137,14 +149,11 @@ def run(argv=None):
     return trainer
 
 
-def _preferences(script, config, task):
-    """The preference scores --pref or --pref-scores asks for, or None."""
-    if script.pref_scores:
-        return load_preferences(script.pref_scores, config.pref_mode, task)
-    if script.pref != "sasrec":
+def _sasrec(script, config, task):
+    """The SASRec that --pref sasrec or --decode d3 needs (loaded from --pref-model, or trained
+    and cached), or None."""
+    if script.pref != "sasrec" and config.decode != "d3":
         return None
-    from flowkern import sasrec
-
     splits, device = sasrec.splits_of(task), config.device
     if script.pref_model:
         model, report = sasrec.load(script.pref_model, task.titles, splits, device)
@@ -152,9 +161,20 @@ def _preferences(script, config, task):
         with config.main_process_first(desc="SASRec"):  # one process trains and caches, the others load it
             model, report = sasrec.trained(task.titles, splits, sasrec.SASRecConfig(seed=config.seed), device)
     sasrec.warn_unless_better(report, lambda line: print(line, file=sys.stderr, flush=True))
-    print(f"flowkern.train: SASRec preferences ({config.pref_mode}), valid NDCG@10 {report['valid']['NDCG@10']:.4f}, "
-          f"test NDCG@10 {report['test']['NDCG@10']:.4f}", flush=True)
-    return sasrec.SASRecPreferences(model, [example.history for example in task.train], config.pref_mode, device)
+    print(f"flowkern.train: SASRec valid NDCG@10 {report['valid']['NDCG@10']:.4f}, test NDCG@10 "
+          f"{report['test']['NDCG@10']:.4f}", flush=True)
+    return model
+
+
+def _preferences(script, config, task, model):
+    """The preference scores --pref or --pref-scores asks for, or None."""
+    if script.pref_scores:
+        return load_preferences(script.pref_scores, config.pref_mode, task)
+    if script.pref != "sasrec":
+        return None
+    print(f"flowkern.train: SASRec preferences ({config.pref_mode})", flush=True)
+    return sasrec.SASRecPreferences(model, [example.history for example in task.train], config.pref_mode,
+                                    config.device)
 
 
 def parse(argv):
@@ -191,8 +211,10 @@ def parse(argv):
     try:
         script = ScriptArguments(**{f.name: values.pop(f.name) for f in fields(ScriptArguments)})
         history = _check(script, values)
-        if script.objective == "sft":
+        if script.objective in ("sft", "ifair"):
             values["gfn_weight"] = 0.0
+        if script.objective == "ifair" and not values.get("ifair_strength"):
+            values["ifair_strength"] = 1.0
         if values["learning_rate"] is None:
             values["learning_rate"] = EMBEDDED_LR if script.model is None else PRETRAINED_LR
         if not history and values["max_steps"] <= 0:
@@ -251,8 +273,11 @@ def _check(script, values):
             raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
     if script.model is not None and os.sep in script.model and not os.path.exists(script.model):
         raise ValueError(f"--model {script.model}: no such file or directory")
-    if script.objective == "sft" and values.get("gfn_weight") not in (None, 0.0):
-        raise ValueError(f"--objective sft trains with w = 0; --gfn-weight {values['gfn_weight']} contradicts it")
+    if script.objective in ("sft", "ifair") and values.get("gfn_weight") not in (None, 0.0):
+        raise ValueError(f"--objective {script.objective} trains with w = 0; --gfn-weight {values['gfn_weight']} "
+                         f"contradicts it")
+    if script.objective != "ifair" and values.get("ifair_strength"):
+        raise ValueError("--ifair-strength weights IFairLRS's SFT examples: it needs --objective ifair")
     history = os.path.isdir(resolve(script.data))
     for name in ("pref_scores", "pref"):
         if getattr(script, name) and not history:
@@ -260,8 +285,14 @@ def _check(script, values):
                              f"with history")
     if script.pref and script.pref_scores:
         raise ValueError("--pref and --pref-scores both give preference scores: choose one")
-    if script.pref_model and script.pref != "sasrec":
-        raise ValueError("--pref-model is the SASRec of --pref sasrec: give both")
+    if values.get("decode") == "d3" and not history:
+        raise ValueError("--decode d3 mixes in a SASRec's scores of each row's history: it needs a data set with "
+                         "history")
+    if script.pref_model and script.pref != "sasrec" and values.get("decode") != "d3":
+        raise ValueError("--pref-model is the SASRec of --pref sasrec or --decode d3: give one of them")
+    if script.eval_only and (not history or script.resume):
+        raise ValueError("--eval-only evaluates a model on valid and test: it needs a data set with history, and "
+                         "no --resume")
     if script.pref_model and not os.path.isdir(script.pref_model):
         raise ValueError(f"--pref-model {script.pref_model}: no such directory")
     if (script.pref or script.pref_scores) and (script.objective == "sft" or values.get("gfn_weight") == 0.0):

@@ -23,7 +23,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from transformers.trainer_utils import TrainOutput
 
 import flowkern
 from flowkern import checkpoints, metrics
+from flowkern.data import ifair_weights
 from flowkern.head import linear_head
 from flowkern.models import forward_parameters
 
@@ -56,6 +57,11 @@ class FlowerConfig(TrainingArguments):
     gfn_weight: Optional[float] = field(default=None, metadata={
         "help": "w in (1 − w)·SFT + w·SubTB; 0 is plain SFT. Default: 0.9 history-free, 0.01 with history"})
     lam: float = field(default=1.0, metadata={"help": "SubTB subtrajectory decay λ > 0"})
+    granularity: str = field(default="1", metadata={
+        "help": "SubTB states every N tokens (paper Fig. 5), or 'item': the first and last only (trajectory balance)"})
+    ifair_strength: float = field(default=0.0, metadata={
+        "help": "IFairLRS: each SFT example weighs w(g)^β, g its target's popularity group (flowkern.data."
+                "ifair_weights; β = 1 is the published weighting, 0 none)"})
     rollouts: int = field(default=1, metadata={"help": "on-policy rollouts per prompt of the batch"})
     rollout_temperature: list[float] = field(default_factory=lambda: [1.0, 1.5], metadata={
         "help": "MIN MAX: each rollout's temperature is drawn uniformly from [MIN, MAX]"})
@@ -76,6 +82,10 @@ class FlowerConfig(TrainingArguments):
     eval_samples: int = field(default=10_000, metadata={"help": "history-free: samples drawn to evaluate"})
     eval_temperature: float = field(default=1.0, metadata={"help": "decoding temperature at evaluation (Temp)"})
     num_beams: int = field(default=10, metadata={"help": "beam width of the top-10 recommendation (>= 10)"})
+    decode: Literal["beam", "d3"] = field(default="beam", metadata={
+        "help": "with history: beam search by the LLM's log-probabilities, or D3's: mixed with a collaborative "
+                "model's item scores pushed down the trie (weight d3_alpha; the trainer's `collaborative`)"})
+    d3_alpha: float = field(default=0.5, metadata={"help": "D3: weight α in [0, 1] of the collaborative scores"})
 
     output_dir: str = field(default=os.path.join("runs", "default"), metadata={"help": "run directory"})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "SFT examples per process and step"})
@@ -109,6 +119,12 @@ class FlowerConfig(TrainingArguments):
             raise ValueError(f"num_beams must be >= 10 (the top-10 recommendation), got {self.num_beams}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError(f"eval_limit must be >= 1, got {self.eval_limit}")
+        if self.granularity != "item" and not (self.granularity.isdigit() and int(self.granularity) >= 1):
+            raise ValueError(f"granularity must be an integer >= 1 or 'item', got {self.granularity!r}")
+        if not (self.ifair_strength >= 0 and math.isfinite(self.ifair_strength)):
+            raise ValueError(f"ifair_strength must be a finite number >= 0, got {self.ifair_strength}")
+        if not 0.0 <= self.d3_alpha <= 1.0:
+            raise ValueError(f"d3_alpha must lie in [0, 1], got {self.d3_alpha}")
         if self.early_stopping_patience is not None and (self.early_stopping_patience < 1
                                                          or not self.load_best_model_at_end):
             raise ValueError(f"early_stopping_patience must be >= 1 and needs load_best_model_at_end (with an "
@@ -125,20 +141,28 @@ class FlowerTrainer(Trainer):
                   a (train rows, items) tensor (flowkern.data.load_preferences), or rows computed
                   when read (flowkern.sasrec.SASRecPreferences): anything with that `shape`
                   whose [row ids] gives those rows' scores
+    collaborative: with decode="d3", histories (lists of item ids) -> (rows, items) scores >= 0
+                  of a collaborative model (flowkern.sasrec.item_probabilities)
     Other keyword arguments go to transformers.Trainer (callbacks, processing_class, ...)."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a mean: the Trainer divides by accumulation
 
-    def __init__(self, model, args: FlowerConfig, task, preferences: Optional[torch.Tensor] = None, **kwargs):
+    def __init__(self, model, args: FlowerConfig, task, preferences: Optional[torch.Tensor] = None,
+                 collaborative: Optional[Callable] = None, **kwargs):
         if not isinstance(args, FlowerConfig):
             raise TypeError(f"args must be a flowkern.FlowerConfig, got {type(args).__name__}")
         if preferences is not None and (task.mode != "history" or preferences.shape != (len(task.train),
                                                                                          len(task.titles))):
             raise ValueError(f"preferences need a task with history and shape (train rows, items) = "
                              f"({len(task.train)}, {len(task.titles)}), got {tuple(preferences.shape)}")
+        if args.decode == "d3" and (task.mode != "history" or collaborative is None):
+            raise ValueError("decode='d3' mixes in a collaborative model's scores of each row's history: it needs a "
+                             "task with history and `collaborative`")
         if args.gfn_weight is None:
             args.gfn_weight = default_gfn_weight(task)
-        self.task, self.preferences = task, preferences
+        self.task, self.preferences, self.collaborative = task, preferences, collaborative
+        self.example_weights = torch.from_numpy(ifair_weights(task) ** args.ifair_strength) \
+            if args.ifair_strength > 0 else None
         self.head, self.full_head_because = _output_head(model, args.full_head)
         if args.subtb_params == "body" and self.head is None:
             raise ValueError(f"subtb_params='body' keeps the SubTB gradient out of the output layer, which needs the "
@@ -182,6 +206,8 @@ class FlowerTrainer(Trainer):
         scores, tokens = self._score(model, prompts + rollout_prompts, continuations)
         n = len(prompts)
         log_p = self._sequence_log_probs(scores[:n], tokens[:n], args.sft_normalize)
+        if self.example_weights is not None:  # IFairLRS
+            log_p = log_p * self.example_weights[targets].to(log_p)
         sft = -log_p.sum() / sum(len(c) for c in continuations[:n])
         subtb = self._subtb(scores[n:], tokens[n:], rewards) if w > 0 else sft.new_zeros(())
         loss = (1 - w) * sft + w * subtb
@@ -260,7 +286,9 @@ class FlowerTrainer(Trainer):
                                                   normalize=normalize)
 
     def _subtb(self, scores, tokens, rewards):
-        options = dict(tokens=tokens, lam=self.args.lam, pref_mode=self.args.pref_mode)
+        granularity = self.args.granularity
+        options = dict(tokens=tokens, lam=self.args.lam, pref_mode=self.args.pref_mode,
+                       granularity=granularity if granularity == "item" else int(granularity))
         if self.head is None:
             return flowkern.subtb_loss(scores, self.trie, rewards, **options)
         weight, bias = self.head.weight, self.head.bias
@@ -296,10 +324,14 @@ class FlowerTrainer(Trainer):
         mine = list(range(args.process_index, len(examples), args.world_size))
         rows = []
         if mine:  # a process may have no rows when there are fewer than processes
+            d3 = {}
+            if args.decode == "d3":
+                d3 = dict(item_scores=self.collaborative([examples[i].history for i in mine]).to(self.trie.device),
+                          alpha=args.d3_alpha)
             recs = flowkern.recommend(self.model, [examples[i].prompt for i in mine], self.trie,
                                       k=min(10, len(task.titles)), num_beams=args.num_beams, titles=task.titles,
                                       temperature=args.eval_temperature, restricted_head=self.head,
-                                      batch_size=args.per_device_eval_batch_size)
+                                      batch_size=args.per_device_eval_batch_size, **d3)
             for i, items, scores, titles in zip(mine, recs.items.tolist(), recs.scores.tolist(), recs.titles):
                 target = examples[i].target
                 rows.append({"row": i, "target_id": target, "target_title": task.titles[target],
@@ -367,7 +399,8 @@ class FlowerTrainer(Trainer):
         return {"learning_rate": self.args.learning_rate, "batch_size": self.args.per_device_train_batch_size,
                 "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
                 "world_size": self.args.world_size, "seed": self.args.seed, "gfn_weight": self.args.gfn_weight,
-                "subtb_params": self.args.subtb_params, "data": self._fingerprint}
+                "subtb_params": self.args.subtb_params, "granularity": self.args.granularity,
+                "ifair_strength": self.args.ifair_strength, "data": self._fingerprint}
 
     def _check_resume(self, directory):
         try:

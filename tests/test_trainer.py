@@ -509,7 +509,7 @@ def test_titles_that_are_special_tokens(tmp_path, tiny_model):
     (["--pref-scores", "README.md"], "--pref-scores personalises rewards per training row: it needs a data set"),
     (["--pref", "sasrec"], "--pref personalises rewards per training row: it needs a data set with history"),
     (["--data", "movies", "--pref", "sasrec", "--pref-scores", "README.md"], "--pref and --pref-scores both give"),
-    (["--data", "movies", "--pref-model", "."], "--pref-model is the SASRec of --pref sasrec: give both"),
+    (["--data", "movies", "--pref-model", "."], "--pref-model is the SASRec of --pref sasrec or --decode d3: give"),
     (["--data", "movies", "--pref", "sasrec", "--pref-model", "nowhere"], "--pref-model nowhere: no such directory"),
     (["--data", "movies", "--pref", "sasrec", "--objective", "sft"], "with w = 0 (SFT) there is none"),
     (["--pref", "cosine"], "argument --pref: invalid choice: 'cosine'"),

@@ -26,6 +26,8 @@ NOT_RUN = {
     "python -m flowkern.sasrec --data movies --out runs/sasrec":
         "SASRec on Movies_and_TV and the recipe's runs (a minute to an hour); tests/test_sasrec.py runs the "
         "SASRec command line, tests/test_trainer.py the recipe's config file and the sweep's --quick mode",
+    "python benchmarks/paper_table.py --data movies --seeds 0 1 -- --max-steps 400 --eval-every 100 \\":
+        "an hour and a half of training runs; tests/test_baselines.py runs its --quick mode and each method's option",
 }
 
 

@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import threading
 import time
 
@@ -94,6 +95,13 @@ def markdown_table(rows, columns=None):
 def sections_markdown(sections):
     """(title, rows) pairs as markdown sections, one table each."""
     return "\n\n".join(f"## {title}\n\n{markdown_table(rows)}" for title, rows in sections)
+
+
+def command_note(note):
+    """`note` (a paragraph, or empty), then the command line that is running, quoted to rerun."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(os.path.dirname(RESULTS)))
+    command = " ".join(f"'{a}'" if " " in a else a for a in sys.argv[1:])
+    return (note + "\n\n" if note else "") + f"Command: python {script} {command}"
 
 
 def write_results(prefix, title, env, body, rows):

@@ -31,7 +31,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import environment, markdown_table, write_results  # noqa: E402
+from benchmarks.common import command_note, environment, markdown_table, write_results  # noqa: E402
 from benchmarks.train_sweep import HISTORY_METRICS, QUICK, standard_error, train_sasrec  # noqa: E402
 
 METHODS = ("SFT", "Temp", "D3", "IFairLRS", "Flower")
@@ -81,8 +81,7 @@ def main():
             f"\n\n{markdown_table(ablations)}\n\n"
             f"## Selection on valid ({args.select} of each run's selected model), seed {args.seeds[0]}\n\n"
             f"{markdown_table(selection)}")
-    notes = (args.note + "\n\n" if args.note else "") + "Command: python benchmarks/paper_table.py " + " ".join(
-        f"'{a}'" if " " in a else a for a in sys.argv[1:])
+    notes = command_note(args.note)
     if args.quick:  # a check that it runs, not a result
         print(body)
         return

@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import environment, markdown_table, write_results  # noqa: E402
+from benchmarks.common import command_note, environment, markdown_table, write_results  # noqa: E402
 
 HISTORY_METRICS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "DGU@10", "MGU@10", "H", "TTR")
 QUICK = ["--max-steps", "2", "--eval-limit", "8", "--per-device-eval-batch-size", "8", "--batch-size", "4"]
@@ -75,8 +75,7 @@ def main():
         body = history_tables(runs, sasrec, args)
     else:
         body = markdown_table([history_free_row(run) for run in runs])
-    notes = (args.note + "\n\n" if args.note else "") + "Command: python benchmarks/train_sweep.py " + " ".join(
-        f"'{a}'" if " " in a else a for a in sys.argv[1:])
+    notes = command_note(args.note)
     if args.quick:  # a check that it runs, not a result
         print(body)
         return

@@ -33,16 +33,17 @@ def loss_and_grad(fn, logits, upstream=None):
     return loss.detach(), grad
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(batch=batches(), variant=st.sampled_from(VARIANTS), lam=st.sampled_from([1.0, 0.9]),
        pref=st.sampled_from(["none", "per_row", "per_item"]), pref_mode=st.sampled_from(["div", "add"]),
-       pref_weight=st.sampled_from([1.0, 0.5]), reduction=st.sampled_from(["mean", "sum", "none"]))
-def test_matches_reference(batch, variant, lam, pref, pref_mode, pref_weight, reduction):
+       pref_weight=st.sampled_from([1.0, 0.5]), reduction=st.sampled_from(["mean", "sum", "none"]),
+       granularity=st.sampled_from([1, 2, 3, 5, "item"]))
+def test_matches_reference(batch, variant, lam, pref, pref_mode, pref_weight, reduction, granularity):
     form, normalize = variant
     generator = torch.Generator().manual_seed(0)
     rewards = preference_for(batch, pref, generator)
     options = dict(lam=lam, normalize=normalize, form=form, pref_mode=pref_mode, pref_weight=pref_weight,
-                   reduction=reduction)
+                   reduction=reduction, granularity=granularity)
     trie, oracle = batch.catalogue.trie(), batch.catalogue.dict_trie()
     upstream = torch.randn(batch.tokens.shape[0], generator=generator, dtype=torch.float64) \
         if reduction == "none" else None

@@ -11,6 +11,10 @@ At state s_t with h = hidden[b, t] (H,), W (V, H), b (V,) and x the token taken 
       (padding under 2× each way).  No other row of W is read.
   normalize="full":  lse = log Σ_{v<V} exp z_v by an online log-sum-exp over chunks of W's
       rows; backward recomputes each chunk, so memory is O(rows × chunk), never O(rows × V).
+      With W and b frozen, the forward can instead carry q = Σ_v p_v W_v along (rescaled as
+      the running maximum grows, as flash attention does), and backward needs no chunk:
+      dh = Σ_k g_k W_{c_k} − (Σ_k g_k) q.  Two passes over W in all, as materialising takes.
+      Taken columns enter by masked scatters, so no chunk waits on the device.
   Gradient of Σ_k g_k log π(c_k), with p the softmax over the same columns:
       ∂z_v = Σ_k g_k [v = c_k] − (Σ_k g_k) p_v,  dh = Σ_v ∂z_v W_v,  dW_v = Σ_rows ∂z_v h,
       db_v = Σ_rows ∂z_v.
@@ -31,22 +35,27 @@ _CHUNK_ELEMENTS = 1 << 18  # logits of one chunk of the full softmax: 1 MiB in f
 _MIN_CHUNK_COLUMNS = 256  # ... unless the rows are so many that a chunk would be narrower
 
 
-def log_probs(hidden, weight, bias, tokens, nodes, length, trie, normalize, flower):
-    """As flowkern.eager.log_probs, from hidden (B, T, H), weight (V, H) and bias (V,) or None."""
+def log_probs(hidden, weight, bias, tokens, nodes, length, trie, normalize, flower, softmax_product=False):
+    """As flowkern.eager.log_probs, from hidden (B, T, H), weight (V, H) and bias (V,) or None.
+    softmax_product (normalize="full"): also return q (R, H) of the rows t ≤ L_b, for `grad`."""
     b, t = used_rows(length, tokens.shape[1])
     h = hidden[b, t].to(compute_dtype(hidden.dtype))
     if normalize == "trie":
         taken, lse = _trie_taken_logits(h, weight, bias, nodes[b, t], nodes[b, t + 1] - 1, trie)
         return per_position(tokens.shape, b, t, (taken - lse)[:, None], lse, flower)
-    columns, lse = _full_columns_and_lse(h, weight, bias, taken_columns(tokens, b, t, trie.eos_token_id, flower))
-    return per_position(tokens.shape, b, t, columns - lse[:, None], lse, flower)
+    columns, lse, product = _full_columns_and_lse(h, weight, bias,
+                                                  taken_columns(tokens, b, t, trie.eos_token_id, flower),
+                                                  softmax_product)
+    pieces = per_position(tokens.shape, b, t, columns - lse[:, None], lse, flower)
+    return (*pieces, product) if softmax_product else pieces
 
 
 def grad(hidden, weight, bias, tokens, nodes, length, trie, lse, coefficient, normalize, flower, weight_grad,
-         bias_grad):
+         bias_grad, softmax_product=None):
     """(dh (B, T, H), dW (V, H) or None, db (V,) or None): the gradient of Σ_{b,t}
     coefficient[b, t]·δ_{b,t} (see flowkern.eager.logits_grad) w.r.t. hidden, and w.r.t.
-    weight and bias when asked for; 0 wherever the loss reads nothing."""
+    weight and bias when asked for; 0 wherever the loss reads nothing.  softmax_product: the
+    q that log_probs returned (normalize="full", frozen W and b): no pass over W."""
     b, t = used_rows(length, tokens.shape[1])
     h = hidden[b, t].to(lse.dtype)
     weights = column_weights(coefficient.to(lse.dtype), b, t, flower)
@@ -55,7 +64,7 @@ def grad(hidden, weight, bias, tokens, nodes, length, trie, lse, coefficient, no
                                 weight_grad, bias_grad)
     else:
         cols = taken_columns(tokens, b, t, trie.eos_token_id, flower)
-        dh, dw, db = _full_grad(h, weight, bias, cols, lse[b, t], weights, weight_grad, bias_grad)
+        dh, dw, db = _full_grad(h, weight, bias, cols, lse[b, t], weights, weight_grad, bias_grad, softmax_product)
     grad_hidden = torch.zeros_like(hidden)
     grad_hidden[b, t] = dh.to(hidden.dtype)
     return grad_hidden, dw, db
@@ -169,18 +178,27 @@ def _column_chunks(vocab, rows):
     return (slice(start, min(start + step, vocab)) for start in range(0, vocab, step))
 
 
-def _full_columns_and_lse(h, weight, bias, cols):
-    """(z of row i at columns cols[i, k], (R, K); lse over all V columns, (R,)), both read
-    from the same chunks of logits."""
+def _full_columns_and_lse(h, weight, bias, cols, softmax_product):
+    """(z of row i at columns cols[i, k], (R, K); lse over all V columns, (R,); q = Σ_v p_v W_v
+    (R, H) if softmax_product, else None), all read from the same chunks of logits."""
+    columns = h.new_zeros(cols.shape)
     lse = h.new_full(h.shape[:1], float("-inf"))
-    columns = h.new_empty(cols.shape)
-    row = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(cols)
+    product = h.new_zeros(h.shape) if softmax_product else None  # Σ_v exp(z_v − lse) W_v so far
     for chunk in _column_chunks(weight.shape[0], h.shape[0]):
-        z = _chunk_logits(h, weight, bias, chunk)[0]
-        lse = torch.logaddexp(lse, torch.logsumexp(z, 1))
-        inside = (cols >= chunk.start) & (cols < chunk.stop)
-        columns[inside] = z[row[inside], cols[inside] - chunk.start]
-    return columns, lse
+        z, w = _chunk_logits(h, weight, bias, chunk)
+        position, inside = _in_chunk(cols, chunk, z.shape[1])
+        columns += torch.where(inside, z.gather(1, position), 0.0)
+        new_lse = torch.logaddexp(lse, torch.logsumexp(z, 1))
+        if product is not None:
+            product = torch.addmm(product * torch.exp(lse - new_lse)[:, None], torch.exp(z - new_lse[:, None]), w)
+        lse = new_lse
+    return columns, lse, product
+
+
+def _in_chunk(cols, chunk, width):
+    """(cols' positions within the chunk, clamped into it; which of them lie in it)."""
+    position = cols - chunk.start
+    return position.clamp(0, width - 1), (position >= 0) & (position < width)
 
 
 def _chunk_logits(h, weight, bias, chunk):
@@ -190,19 +208,23 @@ def _chunk_logits(h, weight, bias, chunk):
     return (z if bias is None else z + bias[chunk].to(h.dtype)), w
 
 
-def _full_grad(h, weight, bias, cols, lse, weights, weight_grad, bias_grad):
-    """(dh (R, H), dW, db) of Σ_{i,k} weights[i, k] log π(cols[i, k]) under the full softmax."""
+def _full_grad(h, weight, bias, cols, lse, weights, weight_grad, bias_grad, softmax_product):
+    """(dh (R, H), dW, db) of Σ_{i,k} weights[i, k] log π(cols[i, k]) under the full softmax:
+    ∂z = Σ_k weights[:, k] e_{cols[:, k]} − total·p.  With softmax_product (q) and a frozen
+    head, dh = Σ_k weights[:, k] W_{cols[:, k]} − total·q, no chunk read."""
+    total = weights.sum(1, keepdim=True)
+    if softmax_product is not None and not (weight_grad or bias_grad):
+        taken = weight[cols].to(h.dtype)  # (R, K, H)
+        return (weights[..., None] * taken).sum(1) - total * softmax_product, None, None
     dh = torch.zeros_like(h)
     dw = torch.empty_like(weight) if weight_grad else None
     db = torch.empty_like(bias) if bias_grad else None
-    total = weights.sum(1, keepdim=True)
-    row = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(cols)
     for chunk in _column_chunks(weight.shape[0], h.shape[0]):
         z, w = _chunk_logits(h, weight, bias, chunk)
         dz = z.sub_(lse[:, None]).exp_().mul_(-total)
-        inside = (cols >= chunk.start) & (cols < chunk.stop)
-        dz.index_put_((row[inside], cols[inside] - chunk.start), weights[inside], accumulate=True)
-        dh += dz @ w
+        position, inside = _in_chunk(cols, chunk, dz.shape[1])
+        dz.scatter_add_(1, position, torch.where(inside, weights, 0.0))
+        dh.addmm_(dz, w)
         if dw is not None:
             dw[chunk] = (dz.T @ h).to(dw.dtype)
         if db is not None:

@@ -167,7 +167,13 @@ class _SequenceLogProbs(torch.autograd.Function):
         from_head = len(inputs) == 3
         stages = _backend("auto", inputs[0].device)
         stages = _head_stages(stages, normalize) if from_head else stages
-        log_pi, _, lse = stages.log_probs(*inputs, tokens, walk.nodes, walk.length, trie, normalize, False)
+        # A frozen output layer under the full softmax: the forward's pass over W also gives
+        # what dh needs, and backward reads no chunk of W (flowkern/head.py).
+        ctx.product = from_head and normalize == "full" and ctx.needs_input_grad[4] \
+            and not any(ctx.needs_input_grad[5:7])
+        pieces = stages.log_probs(*inputs, tokens, walk.nodes, walk.length, trie, normalize, False,
+                                  **({"softmax_product": True} if ctx.product else {}))
+        log_pi, _, lse = pieces[:3]
         b, t = eager.used_rows(walk.length, tokens.shape[1])
         source = _head_source(*inputs) if from_head else _logits_source(*inputs)
         _check_finite_log_probs(log_pi[b, t, None], b, t, tokens[b, t], source)
@@ -175,17 +181,18 @@ class _SequenceLogProbs(torch.autograd.Function):
         if not bool(torch.isfinite(total).all()):
             row = int((~torch.isfinite(total)).nonzero()[0])
             raise ValueError(f"{source.at.format(row, ':')} give log-probabilities whose sum overflows {total.dtype}")
-        ctx.save_for_backward(tokens, walk.nodes, walk.length, lse, *inputs)
+        ctx.save_for_backward(tokens, walk.nodes, walk.length, lse, *pieces[3:], *inputs)
         ctx.trie, ctx.normalize, ctx.stages = trie, normalize, stages
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         tokens, nodes, length, lse, *inputs = ctx.saved_tensors
+        product = {"softmax_product": inputs.pop(0)} if ctx.product else {}
         coefficient = grad_out.to(lse.dtype)[:, None].expand(tokens.shape).contiguous()
         stage_args = (tokens, nodes, length, ctx.trie, lse, coefficient, ctx.normalize, False)
         if len(inputs) == 3:
-            grads = ctx.stages.grad(*inputs, *stage_args, *ctx.needs_input_grad[5:7])
+            grads = ctx.stages.grad(*inputs, *stage_args, *ctx.needs_input_grad[5:7], **product)
         else:
             logits = inputs[0]
             grads = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device),)

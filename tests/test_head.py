@@ -189,6 +189,31 @@ def test_full_softmax_over_several_chunks_of_the_vocabulary(form, monkeypatch):
     assert_same(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_head_full_softmax_gets_dh_from_the_forward_pass(with_bias, monkeypatch):
+    """W and b frozen, chunks of 3 columns: linear_sequence_log_probs carries Σ_v p_v W_v
+    through the forward's online log-sum-exp, so backward reads no chunk of W, and the value
+    and dh are the materialised full softmax's."""
+    monkeypatch.setattr(head, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(head, "_MIN_CHUNK_COLUMNS", 3)
+    batch = make_batch(SMALL, [0, 1, 2, 3, 4, 1], seed=8, extra_steps=1, extra_vocab=5)
+    hidden, weight, bias = head_inputs(batch, 4, with_bias, seed=8)
+    trie = SMALL.trie()
+    upstream = torch.randn(batch.tokens.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    leaf = hidden.detach().clone().requires_grad_()
+    value = flowkern.linear_sequence_log_probs(leaf, weight, trie, tokens=batch.tokens, bias=bias, normalize="full")
+    chunks = []
+    original = head._chunk_logits
+    monkeypatch.setattr(head, "_chunk_logits", lambda *args: chunks.append(1) or original(*args))
+    (grad,) = torch.autograd.grad(value, leaf, upstream)
+    assert not chunks
+    want = values_and_grads(lambda h: flowkern.sequence_log_probs(materialised(h, weight, bias), trie,
+                                                                  tokens=batch.tokens, normalize="full"),
+                            [hidden.nan_to_num()], upstream)
+    torch.testing.assert_close(value.detach(), want[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grad, want[1][0], rtol=1e-9, atol=1e-9)
+
+
 def test_trie_normalisation_reads_only_the_childrens_rows_of_weight():
     """Every row of weight and bias that is no child of a state the batch visits is NaN; the
     trie policy's loss and gradients are untouched and those rows' gradients are 0."""

@@ -140,7 +140,7 @@ def sequence_log_probs(logits, trie, *, tokens, normalize="trie"):
     Arguments and errors as subtb_loss; every trajectory must be an item of the trie."""
     check_choice("normalize", normalize, ("trie", "full"))
     _check_inputs(logits, tokens, trie)
-    walk = trie.walk(tokens)
+    walk = _walk(tokens, trie)
     _check_trajectories(walk, tokens, _logits_source(logits), trie.eos_token_id, "error")
     return _SequenceLogProbs.apply(tokens, walk, trie, normalize, logits)
 
@@ -152,9 +152,15 @@ def linear_sequence_log_probs(hidden, weight, trie, *, tokens, bias=None, normal
     decoder samples from; "full" is the ordinary token cross-entropy (negated)."""
     check_choice("normalize", normalize, ("trie", "full"))
     source = _check_head_inputs(hidden, weight, bias, tokens, trie)
-    walk = trie.walk(tokens)
+    walk = _walk(tokens, trie)
     _check_trajectories(walk, tokens, source, trie.eos_token_id, "error")
     return _SequenceLogProbs.apply(tokens, walk, trie, normalize, hidden, weight, bias)
+
+
+def _walk(tokens, trie):
+    """The trie walk of the backend's stages: on CUDA one Triton program per row, not a
+    PyTorch step (several launches) per position."""
+    return _backend("auto", tokens.device).walk_rewards(tokens, trie, None, "div", 1.0)[0]
 
 
 class _SequenceLogProbs(torch.autograd.Function):

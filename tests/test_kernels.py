@@ -450,3 +450,16 @@ def test_full_size_on_gpu_matches_torch_path(dtype, form, normalize):
     inplace = logits.clone().requires_grad_()
     flowkern.subtb_loss(inplace, trie, tokens=tokens.cuda(), inplace_grad=True, **options).backward()
     torch.testing.assert_close(inplace.grad, grad)
+
+
+def test_sequence_log_probs_walk_with_the_backends_stages(monkeypatch):
+    """On the Triton backend (CUDA's default) the trie walk of sequence_log_probs is the walk
+    kernel, one program per row, with the same result as the C++ walk."""
+    batch = make_batch(SMALL, [0, 1, 4], seed=3)
+    trie, tokens, logits = to_device(batch)
+    want = flowkern.sequence_log_probs(logits, trie, tokens=tokens)
+    monkeypatch.setenv("FLOWKERN_BACKEND", "triton")
+    calls, original = [], kernels.walk_rewards
+    monkeypatch.setattr(kernels, "walk_rewards", lambda *args: calls.append(1) or original(*args))
+    torch.testing.assert_close(flowkern.sequence_log_probs(logits, trie, tokens=tokens), want, rtol=1e-12, atol=1e-12)
+    assert calls

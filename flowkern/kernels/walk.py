@@ -1,9 +1,10 @@
 """Trie walk + process rewards (Flower Eq. 10, preferences Sec. 3.3.3), one program per row.
 
 Row b follows tokens[b, t] from the root: the child of node n by token x is found by binary
-search among the sorted edge tokens offsets[n] .. offsets[n+1]−1, and edge e leads to node
-e + 1.  The walk stops after the termination token (length L = t) or at the first token that
-is no child (left_at = t); nothing after the stop is read.  Then the leaf's canonical item
+search among the sorted edge tokens offsets[n] .. offsets[n+1]−1 (as many probes as that
+node's degree needs), and edge e leads to node e + 1.  The walk stops after the termination
+token (length L = t) or at the first token that is no child (left_at = t); nothing after the
+stop is read, and the rest of the row's outputs is cleared in blocks.  Then the leaf's canonical item
 (binary search in leaf_nodes), the preference p of the row and
   log r_t = (log F(s_{t+1}) − log F(s_t)) / p   ("div")   or   + w·log p   ("add"),  t ≤ L.
 Node and edge ids are int64 throughout.
@@ -34,11 +35,14 @@ def lower_bound(values_ptr, lo, hi, key, steps):
     return lo
 
 
+_TAIL = tl.constexpr(64)  # positions cleared at once after a row stops
+
+
 @triton.jit
 def _walk_kernel(tokens_ptr, stride_tb, stride_tt, offsets_ptr, edge_tokens_ptr, log_flow_ptr, leaf_nodes_ptr,
                  leaf_item_offsets_ptr, leaf_items_ptr, rewards_ptr, stride_rb, stride_ri,
                  nodes_ptr, log_r_ptr, length_ptr, item_ptr, left_at_ptr, preference_ptr,
-                 steps, eos, num_leaves, search_steps, leaf_search_steps, pref_weight_ptr,
+                 steps, eos, num_leaves, leaf_search_steps, pref_weight_ptr,
                  PREFERENCE: tl.constexpr, DIV: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     nodes_row = nodes_ptr + b * (steps + 1)
@@ -48,24 +52,35 @@ def _walk_kernel(tokens_ptr, stride_tb, stride_tt, offsets_ptr, edge_tokens_ptr,
     leaf = tl.zeros((), dtype=tl.int64)
     length = tl.full((), -1, dtype=tl.int64)
     left_at = tl.full((), -1, dtype=tl.int64)
-    active = node == 0
-    for t in range(steps):
-        token = tl.load(tokens_ptr + b * stride_tb + t * stride_tt, mask=active, other=-1).to(tl.int64)
-        start = tl.load(offsets_ptr + node)
+    t = tl.zeros((), dtype=tl.int64)
+    active = t < steps
+    while active:  # the walk is a chain of dependent loads: stop with the row
+        token = tl.load(tokens_ptr + b * stride_tb + t * stride_tt).to(tl.int64)
+        lo = tl.load(offsets_ptr + node)
         end = tl.load(offsets_ptr + node + 1)
-        edge = lower_bound(edge_tokens_ptr, start, end, token, search_steps)
-        found = active & (edge < end)
-        found &= tl.load(edge_tokens_ptr + edge, mask=found, other=-1).to(tl.int64) == token
-        child = edge + 1
-        left_at = tl.where(active & ~found, t, left_at)
+        hi = end
+        while lo < hi:  # binary search among this node's children only (one step for one child)
+            mid = (lo + hi) // 2
+            less = tl.load(edge_tokens_ptr + mid).to(tl.int64) < token
+            lo = tl.where(less, mid + 1, lo)
+            hi = tl.where(less, hi, mid)
+        found = lo < end
+        found &= tl.load(edge_tokens_ptr + lo, mask=found, other=-1).to(tl.int64) == token
+        child = lo + 1
+        left_at = tl.where(found, left_at, t)
         step_log_r = tl.load(log_flow_ptr + child, mask=found, other=0.0) - tl.load(log_flow_ptr + node)
         tl.store(log_r_row + t, tl.where(found, step_log_r, 0.0))
         tl.store(nodes_row + t + 1, tl.where(found, child, -1))
         ended = found & (token == eos)
         length = tl.where(ended, t, length)
         leaf = tl.where(ended, child, leaf)
-        active = found & ~ended
-        node = tl.where(found, child, 0)
+        node = child
+        t += 1
+        active = found & ~ended & (t < steps)
+    for start in range(t, steps, _TAIL):  # nothing after the stop is read: the rest is cleared
+        position = start + tl.arange(0, _TAIL)
+        tl.store(log_r_row + position, 0.0, mask=position < steps)
+        tl.store(nodes_row + position + 1, -1, mask=position < steps)
     done = length >= 0
     slot = lower_bound(leaf_nodes_ptr, 0, num_leaves, leaf, leaf_search_steps)
     first_item = tl.load(leaf_item_offsets_ptr + slot, mask=done, other=0)
@@ -110,7 +125,7 @@ def walk_rewards(tokens, trie, rewards, pref_mode, pref_weight):
         tokens, tokens.stride(0), tokens.stride(1), trie.offsets, trie.tokens, trie.log_flow, trie.leaf_nodes,
         trie.leaf_item_offsets, trie.leaf_items, preference if rewards is None else rewards, *reward_strides,
         nodes, log_r, length, item, left_at, preference,
-        steps, trie.eos_token_id, trie.leaf_nodes.numel(), trie.max_degree.bit_length(),
-        trie.leaf_nodes.numel().bit_length(), float64_scalar(pref_weight, device),
+        steps, trie.eos_token_id, trie.leaf_nodes.numel(), trie.leaf_nodes.numel().bit_length(),
+        float64_scalar(pref_weight, device),
         PREFERENCE=kind, DIV=pref_mode == "div")
     return TrieWalk(nodes, log_r, length, item, left_at), preference

@@ -4,6 +4,7 @@ machine, its load, the library versions and the git commit."""
 
 import ctypes
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -18,14 +19,19 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def time_call(fn, repeats=10, warmup=2):
-    """Median, min and max wall time of fn() in seconds (CUDA synchronised when present)."""
+def time_call(fn, repeats=10, warmup=2, setup=None):
+    """Median, min and max wall time of fn() in seconds (CUDA synchronised when present);
+    setup(), if given, runs untimed before every call (e.g. to refill what fn overwrites)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    setup = setup or (lambda: None)
     for _ in range(warmup):
+        setup()
         fn()
     sync()
     times = []
     for _ in range(repeats):
+        setup()
+        sync()
         start = time.perf_counter()
         fn()
         sync()
@@ -35,12 +41,46 @@ def time_call(fn, repeats=10, warmup=2):
 
 def environment():
     here = os.path.dirname(os.path.abspath(__file__))
-    git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
-    commit = git("rev-parse", "--short", "HEAD") + ("+uncommitted changes" if git("status", "--porcelain", "--", "..", ":!results") else "")
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=here).stdout.strip()
+        except OSError:  # no git (a bare GPU machine)
+            return ""
+
+    commit = (git("rev-parse", "--short", "HEAD") or "unknown") + (
+        "+uncommitted changes" if git("status", "--porcelain", "--", "..", ":!results") else "")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    try:
+        triton_version = importlib.metadata.version("triton")  # without importing it (TRITON_INTERPRET)
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = None
     return {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(), "commit": commit,
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
+            "triton": triton_version, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "commit": commit, "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def backends(device):
+    """{backend: the words that name it} of the subtb_loss backends that run on `device`:
+    "torch" always, "triton" on CUDA or, on CPU, under the Triton interpreter."""
+    found = {"torch": "PyTorch"}
+    try:
+        from flowkern import kernels
+    except ImportError:  # no triton
+        return found
+    if device.type == "cuda":
+        found["triton"] = "Triton"
+    elif kernels.INTERPRETED:
+        found["triton"] = "Triton interpreter"
+    return found
+
+
+def backend_that_runs(backend, device):
+    """"torch" or "triton": what backend=`backend` ("auto" resolved as subtb_loss does) runs on `device`."""
+    from flowkern import eager
+    from flowkern.ops import _backend
+
+    return "torch" if _backend(backend, device) is eager else "triton"
 
 
 def peak_memory(fn, device):
@@ -104,15 +144,25 @@ def command_note(note):
     return (note + "\n\n" if note else "") + f"Command: python {script} {command}"
 
 
+def result_name(prefix, env):
+    """<prefix>-<device>-<date>, device "cpu" or "gpu-<name>": the name of a results file."""
+    device = "cpu" if env["device"].startswith("cpu") else "gpu-" + env["device"].replace(" ", "_")
+    return "-".join(part for part in (prefix, device, env["date"]) if part)
+
+
+def environment_line(env):
+    """The machine, versions, commit and load of `env` (environment()) in one line."""
+    versions = f"torch {env['torch']}" + (f", triton {env['triton']}" if env.get("triton") else "")
+    return f"{env['date']}, {env['device']}, {versions} ({env['threads']} threads), commit {env['commit']}, " \
+           f"load average {' '.join(map(str, env['load_average']))} at the start"
+
+
 def write_results(prefix, title, env, body, rows):
     """Print `body` (markdown) under a heading that names the machine, and write it to
     results/<prefix>-<device>-<date>.md, with `rows` and the environment in the .json twin
     (device: "cpu" or "gpu-<name>")."""
-    device = "cpu" if env["device"].startswith("cpu") else "gpu-" + env["device"].replace(" ", "_")
-    name = "-".join(part for part in (prefix, device, env["date"]) if part)
-    text = f"# {title}\n\n{env['date']}, {env['device']}, torch {env['torch']} ({env['threads']} threads), " \
-           f"commit {env['commit']}, load average {' '.join(map(str, env['load_average']))} at the start\n\n" \
-           f"{body.strip()}\n"
+    name = result_name(prefix, env)
+    text = f"# {title}\n\n{environment_line(env)}\n\n{body.strip()}\n"
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(text)

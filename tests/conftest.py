@@ -11,8 +11,20 @@ unset and the same tests run the compiled kernels.
 import importlib.util
 import os
 
+import pytest
 import torch
 
 INTERPRETED = not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 if INTERPRETED:
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (registered in pyproject.toml, so `pytest -m gpu` selects them) are
+    skipped without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

@@ -29,7 +29,6 @@ kernels = pytest.importorskip("flowkern.kernels", reason="needs triton")
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
 
@@ -368,6 +367,99 @@ def test_head_kernels_read_only_the_childrens_rows_of_weight():
     assert (junk[1][1][5:] == 0).all() and (junk[1][2][5:] == 0).all()
 
 
+TILED = [151] * 20 + list(range(0, 150, 8))  # WIDE's items: 20 × [5, 2, 9] and 19 at the root's other children
+
+
+def test_head_kernels_over_tiles_of_one_node_and_blocks_of_children():
+    """39 trajectories: the root's 39 rows fill 3 tiles and the 20 rows at each inner node of
+    [5, 2, 9] 2 tiles each, while the root's 150 children take 3 blocks of CHILD_BLOCK and
+    H = 40 several blocks of H; loss and gradients (W and b trained) as the PyTorch path's."""
+    batch = make_batch(WIDE, TILED, seed=15, extra_steps=1, extra_vocab=10)
+    inputs = [x.to(DEVICE) for x in head_inputs(batch, 40, True, seed=15)]
+    trie, tokens = WIDE.trie().to(DEVICE), batch.tokens.to(DEVICE)
+    walk = trie.walk(tokens)
+    tile_nodes = kernels.head._tiles(walk.nodes, walk.length, trie.num_nodes, kernels.head.BLOCK_R)[1]
+    tiles = torch.bincount(tile_nodes[tile_nodes >= 0].long())
+    assert tiles[0] == 3 and (tiles == 2).sum() == 3 and tiles.sum() == 3 + 3 * 2 + 19 * 2
+    options = kernels.head._launch_options(*inputs[:1], trie, inputs[2])
+    assert options["CHILD_BLOCK"] * 2 < trie.max_degree and options["BLOCK_H"] * 2 < 40
+    got, want = head_on_both_backends(inputs, trie, tokens, lam=0.9)
+    assert_same(got, want, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=batches(max_batch=6), block_rows=st.sampled_from([1, 2, 3, 16]))
+def test_head_tiles_hold_each_row_once_at_its_node(batch, block_rows):
+    """_tiles: every row t ≤ L_b in exactly one tile, each tile's rows at its node (at most
+    block_rows of them, from the first slot on), each node's rows in ⌈n / block_rows⌉ tiles;
+    −1 everywhere else."""
+    trie = batch.catalogue.trie()
+    walk = trie.walk(batch.tokens)
+    rows, tile_nodes = kernels.head._tiles(walk.nodes, walk.length, trie.num_nodes, block_rows)
+    steps = batch.tokens.shape[1]
+    b, t = eager.used_rows(walk.length, steps)
+    full = tile_nodes >= 0
+    members = (rows >= 0).sum(1)
+    assert torch.equal(full, members > 0) and torch.equal(rows >= 0, torch.arange(block_rows) < members[:, None])
+    row = rows[rows >= 0].long()
+    assert sorted(row.tolist()) == sorted((b * steps + t).tolist())
+    assert torch.equal(walk.nodes[row // steps, row % steps], tile_nodes[full].repeat_interleave(members[full]))
+    node, count = torch.unique(walk.nodes[b, t], return_counts=True)
+    tiles = torch.bincount(tile_nodes[full].long(), minlength=trie.num_nodes)
+    assert torch.equal(tiles[node], (count + block_rows - 1) // block_rows) and tiles.sum() == full.sum()
+
+
+def test_head_launchers_never_wait_on_the_device(monkeypatch):
+    """Tiling the rows and finding dW's rows take no host sync (.item(), .tolist(), bool(),
+    nonzero, unique, boolean-mask indexing, repeat_interleave by a tensor, copies to the
+    host): the launchers run on meta tensors, which hold no data, so any of those would raise,
+    as the PyTorch path's used_rows (nonzero) does.  The kernels, which cannot run there, are
+    stood in for."""
+    launches = []
+
+    class Launch:  # kernel[grid](*args, **kwargs), recorded
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(grid)
+
+    for name in ("_head_log_probs_kernel", "_head_grad_kernel"):
+        monkeypatch.setattr(kernels.head, name, Launch())
+    batch, steps, hidden_size, vocab = len(TILED), 5, 40, 170
+    hidden, weight, bias, lse = (torch.empty(*shape, device="meta") for shape in (
+        (batch, steps, hidden_size), (vocab, hidden_size), (vocab,), (batch, steps)))
+    tokens, nodes, length = (torch.empty(*shape, dtype=torch.long, device="meta")
+                             for shape in ((batch, steps), (batch, steps + 1), (batch,)))
+    trie = WIDE.trie().to("meta")
+    with pytest.raises(NotImplementedError):
+        eager.used_rows(length, steps)
+    log_pf, _, _ = kernels.head.log_probs(hidden, weight, bias, tokens, nodes, length, trie, "trie", False)
+    grads = kernels.head.grad(hidden, weight, bias, tokens, nodes, length, trie, lse, lse, "trie", False, True, True)
+    assert launches == [(batch * steps // kernels.head.BLOCK_R + batch * steps,)] * 2
+    assert log_pf.shape == lse.shape and [g.shape for g in grads] == [hidden.shape, weight.shape, bias.shape]
+
+
+@pytest.mark.skipif(not CUDA, reason="torch.cuda.set_sync_debug_mode needs CUDA")
+def test_head_launchers_make_no_host_sync_on_cuda():
+    batch = make_batch(WIDE, TILED, seed=16, extra_steps=1, extra_vocab=10)
+    hidden, weight, bias = (x.cuda() for x in head_inputs(batch, 40, True, seed=16, dtype=torch.float32))
+    trie, tokens = WIDE.trie().to("cuda"), batch.tokens.cuda()
+    walk = trie.walk(tokens)
+    inputs = (hidden, weight, bias, tokens, walk.nodes, walk.length, trie)
+
+    def run():
+        lse = kernels.head.log_probs(*inputs, "trie", False)[2]
+        return kernels.head.grad(*inputs, lse, torch.ones_like(lse), "trie", False, True, True)
+
+    want = run()  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.skipif(CUDA, reason="the cases are CPU tensors, for the interpreter")
 @pytest.mark.parametrize("changes, error, message", HEAD_CASES.values(), ids=HEAD_CASES.keys())
 def test_head_bad_input_gives_the_same_errors(changes, error, message):
@@ -376,7 +468,7 @@ def test_head_bad_input_gives_the_same_errors(changes, error, message):
 
 
 COMPILE_FOR_SM90 = """
-import inspect, triton
+import inspect, types, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from flowkern.kernels import head, policy, subtb, walk
@@ -384,9 +476,10 @@ from flowkern.kernels import head, policy, subtb, walk
 def pointer_type(name, logits, acc):
     table = {"logits": logits, "out": logits, "edge_tokens": "i32", "leaf_nodes": "i32", "leaf_items": "i32",
              "rewards": "fp32", "log_flow": "fp64", "log_r": "fp64", "preference": "fp64", "pref_weight": "fp64",
-             "lam": "fp64", "hidden": logits, "weight": logits, "bias": logits}
+             "lam": "fp64", "hidden": logits, "weight": logits, "bias": logits, "rows": "i32", "tile_nodes": "i32",
+             "slot": "i32"}
     return "*" + table.get(name[:-4], "i64" if name[:-4] in ("tokens", "offsets", "leaf_item_offsets", "nodes",
-                                                              "length", "item", "left_at", "slot") else acc)
+                                                              "length", "item", "left_at") else acc)
 
 def compile(kernel, logits, constants, **options):
     names = list(inspect.signature(kernel.fn).parameters)
@@ -405,8 +498,10 @@ for logits in ("bf16", "fp32", "fp64"):
         compile(policy._logits_grad_kernel, logits, constants, num_warps=8)
     for flower in (False, True):
         compile(subtb._pair_sum_kernel, logits, dict(FLOWER=flower, BLOCK_T=256))
-    for has_bias in (False, True):
-        blocks = dict(HAS_BIAS=has_bias, CHILD_BLOCK=64, BLOCK_H=128)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[logits]
+    hidden = torch.empty(1, 1, 1536, dtype=dtype)
+    for has_bias in (False, True):  # the launchers' constexprs at H = 1536 and a max degree of 835
+        blocks = head._launch_options(hidden, types.SimpleNamespace(max_degree=835), hidden[0, 0] if has_bias else None)
         compile(head._head_log_probs_kernel, logits, blocks, num_warps=4)
         for weight_grad in (False, True):
             compile(head._head_grad_kernel, logits, dict(blocks, WEIGHT_GRAD=weight_grad, BIAS_GRAD=has_bias),
@@ -427,7 +522,7 @@ def test_kernels_compile_for_a_cuda_target():
 
 # ---- full size, real kernels -------------------------------------------------------------
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("form, normalize", VARIANTS)
 def test_full_size_on_gpu_matches_torch_path(dtype, form, normalize):

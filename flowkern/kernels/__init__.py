@@ -6,7 +6,8 @@ flowkern/eager.py, each kernel family in its own file with its launch wrapper be
               one-pass gradient over the logits, one program per (b, t) row
   subtb.py    SubTB pair sum and its gradient by two O(T) scans, one program per trajectory
   head.py     the restricted head (flowkern.linear_subtb_loss): log π and its gradient under the
-              trie policy from hidden states and the children's rows of W, one program per row
+              trie policy from hidden states and the children's rows of W, one program per
+              tile of rows at one trie node (matrix products by tl.dot)
 
 Imported on first use, so CPU users need no triton.  Kernels decorated while
 TRITON_INTERPRET=1 run in the Triton interpreter, on CPU tensors too (INTERPRETED).

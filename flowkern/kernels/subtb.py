@@ -88,7 +88,9 @@ def _pair_sum_kernel(log_pf_ptr, log_pterm_ptr, log_r_ptr, length_ptr, loss_ptr,
 
 
 def pair_sum(log_pf, log_pterm, log_r, length, lam, period=1):
-    """As flowkern.eager.pair_sum: (loss_b, weight_b, g (B, T)) in log_pf's dtype."""
+    """As flowkern.eager.pair_sum: (loss_b, weight_b, g (B, T)) in log_pf's dtype.  A program
+    holds its row in BLOCK_T = T rounded up to a power of two lanes, so the kernel compiles
+    once per power of two that T reaches (a handful for titles), not once per T."""
     batch, steps = log_pf.shape
     loss, weight = (torch.empty(batch, dtype=log_pf.dtype, device=log_pf.device) for _ in range(2))
     grad = torch.empty_like(log_pf)

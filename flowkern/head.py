@@ -31,7 +31,7 @@ from flowkern.eager import column_weights, per_position, taken_columns, used_row
 from flowkern.policy import compute_dtype, trie_children
 
 _BLOCK_ELEMENTS = 1 << 22  # operand and result elements of one batched product (trie)
-_CHUNK_ELEMENTS = 1 << 18  # logits of one chunk of the full softmax: 1 MiB in float32, stays in cache
+_CHUNK_ELEMENTS = 1 << 22  # logits of one chunk of the full softmax: 16 MiB in float32 (matrix products wide enough)
 _MIN_CHUNK_COLUMNS = 256  # ... unless the rows are so many that a chunk would be narrower
 
 

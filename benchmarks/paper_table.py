@@ -89,6 +89,12 @@ def main():
                   [{k: v for k, v in run.items() if k != "directory"} for run in table.finished])
 
 
+def _only(grid, chosen):
+    """The grid {method: [(setting, flags)]}, or with `chosen` ({method: setting}) only those."""
+    return {method: [(setting, flags) for setting, flags in settings if chosen is None or setting == chosen[method]]
+            for method, settings in grid.items()}
+
+
 class Table:
     """The runs of the table: each is a dict of method, setting, seed, directory and the run's
     final.json; `grids` holds the first seed's runs per method."""
@@ -105,17 +111,13 @@ class Table:
                              for b in args.ifair_strengths],
                 "Flower": [(f"w={w:g}", ["--gfn-weight", str(w), "--pref", "sasrec", "--pref-mode", "div", *pref])
                            for w in args.weights]}
-        grid = {method: [s for s in settings if chosen is None or s[0] == chosen[method]]
-                for method, settings in grid.items()}
-        found = self.run_all([(method, setting, seed, flags) for method, settings in grid.items()
-                              for setting, flags in settings])
+        found = self.run_all(_only(grid, chosen), seed)
         sft = found["SFT"][0]["directory"]
         decoding = {"Temp": [(f"T={t:g}", ["--eval-temperature", str(t)]) for t in args.temperatures],
                     "D3": [(f"α={a:g}", ["--decode", "d3", "--d3-alpha", str(a), *pref]) for a in args.d3_alphas]}
-        decoding = {method: [s for s in settings if chosen is None or s[0] == chosen[method]]
+        decoding = {method: [(setting, ["--eval-only", "--model", sft, *flags]) for setting, flags in settings]
                     for method, settings in decoding.items()}
-        found.update(self.run_all([(method, setting, seed, ["--eval-only", "--model", sft, *flags])
-                                   for method, settings in decoding.items() for setting, flags in settings]))
+        found.update(self.run_all(_only(decoding, chosen), seed))
         for runs in found.values():
             runs.sort(key=lambda run: -run["final"]["valid"][args.select])
         if chosen is None:
@@ -126,14 +128,15 @@ class Table:
         """Rows of the RQ4 ablations around the selected Flower run."""
         best = self.grids["Flower"][0]
         w = best["setting"]
-        base = ["--gfn-weight", w.split("=")[1], "--pref-model", sasrec["directory"]]
-        variants = [("reward", "none (popularity)", ["--gfn-weight", w.split("=")[1]]),
+        weight = ["--gfn-weight", str(next(x for x in self.args.weights if f"w={x:g}" == w))]
+        base = [*weight, "--pref-model", sasrec["directory"]]
+        variants = [("reward", "none (popularity)", weight),
                     ("reward", "add", [*base, "--pref", "sasrec", "--pref-mode", "add"])]
         variants += [("granularity", g, [*base, "--pref", "sasrec", "--pref-mode", "div", "--granularity", g])
                      for g in self.args.granularities]
         variants += [("λ", f"{lam:g}", [*base, "--pref", "sasrec", "--pref-mode", "div", "--lam", str(lam)])
                      for lam in self.args.lams]
-        found = self.run_all([(f"Flower {w}, {kind} {value}", "", seed, flags) for kind, value, flags in variants])
+        found = self.run_all({f"Flower {w}, {kind} {value}": [("", flags)] for kind, value, flags in variants}, seed)
         reference = {"reward": "div", "granularity": "1", "λ": "1"}
         rows = []
         for kind in ("reward", "granularity", "λ"):
@@ -142,8 +145,9 @@ class Table:
                      for k, value, _ in variants if k == kind]
         return rows
 
-    def run_all(self, runs):
-        """Run (method, setting, seed, flags) each, --jobs at once; {method: [run dicts]}."""
+    def run_all(self, grid, seed):
+        """Run each (setting, flags) of {method: [...]}, --jobs at once; {method: [run dicts]}."""
+        runs = [(method, setting, seed, flags) for method, settings in grid.items() for setting, flags in settings]
         with concurrent.futures.ThreadPoolExecutor(self.args.jobs) as pool:
             done = list(pool.map(lambda run: self.run(*run), runs))
         found = {}

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from flowkern import sasrec
 from flowkern.data import ifair_weights

@@ -140,9 +140,8 @@ def sequence_log_probs(logits, trie, *, tokens, normalize="trie"):
     Arguments and errors as subtb_loss; every trajectory must be an item of the trie."""
     check_choice("normalize", normalize, ("trie", "full"))
     _check_inputs(logits, tokens, trie)
-    walk = _walk(tokens, trie)
-    _check_trajectories(walk, tokens, _logits_source(logits), trie.eos_token_id, "error")
-    return _SequenceLogProbs.apply(tokens, walk, trie, normalize, logits)
+    source = _logits_source(logits)
+    return _total(position_log_probs(source, tokens, trie, normalize, "auto", logits)[0], source)
 
 
 def linear_sequence_log_probs(hidden, weight, trie, *, tokens, bias=None, normalize="trie"):
@@ -152,58 +151,63 @@ def linear_sequence_log_probs(hidden, weight, trie, *, tokens, bias=None, normal
     decoder samples from; "full" is the ordinary token cross-entropy (negated)."""
     check_choice("normalize", normalize, ("trie", "full"))
     source = _check_head_inputs(hidden, weight, bias, tokens, trie)
-    walk = _walk(tokens, trie)
+    return _total(position_log_probs(source, tokens, trie, normalize, "auto", hidden, weight, bias)[0], source)
+
+
+def position_log_probs(source, tokens, trie, normalize, backend, *inputs):
+    """((B, T) log π_t of every trajectory, 0 after its termination token; (B,) the position
+    L_b of that token), log π differentiable w.r.t. `inputs` (the logits, or the head's
+    hidden, weight, bias), walked and read on `backend`; every trajectory must be an item of
+    the trie and every log π_t finite."""
+    stages = _backend(backend, tokens.device)
+    walk = stages.walk_rewards(tokens, trie, None, "div", 1.0)[0]
     _check_trajectories(walk, tokens, source, trie.eos_token_id, "error")
-    return _SequenceLogProbs.apply(tokens, walk, trie, normalize, hidden, weight, bias)
+    return _LogProbs.apply(tokens, walk, trie, normalize, stages, source, *inputs), walk.length
 
 
-def _walk(tokens, trie):
-    """The trie walk of the backend's stages: on CUDA one Triton program per row, not a
-    PyTorch step (several launches) per position."""
-    return _backend("auto", tokens.device).walk_rewards(tokens, trie, None, "div", 1.0)[0]
+def _total(log_pi, source):
+    total = log_pi.sum(1)
+    if not bool(torch.isfinite(total).all()):
+        row = int((~torch.isfinite(total)).nonzero()[0])
+        raise ValueError(f"{source.at.format(row, ':')} give log-probabilities whose sum overflows {total.dtype}")
+    return total
 
 
-class _SequenceLogProbs(torch.autograd.Function):
-    """Σ_t log π_t per trajectory, read from `inputs`: (logits,) or the head's (hidden,
-    weight, bias).  Backward is the stages' gradient with coefficient ∂/∂log π_t = the
-    upstream gradient of the trajectory."""
+class _LogProbs(torch.autograd.Function):
+    """log π_t per position, read from `inputs`: (logits,) or the head's (hidden, weight,
+    bias).  Backward is the stages' gradient with coefficient ∂/∂log π_t = the upstream
+    gradient at (b, t)."""
 
     @staticmethod
-    def forward(ctx, tokens, walk, trie, normalize, *inputs):
+    def forward(ctx, tokens, walk, trie, normalize, stages, source, *inputs):
         from_head = len(inputs) == 3
-        stages = _backend("auto", inputs[0].device)
         stages = _head_stages(stages, normalize) if from_head else stages
         # A frozen output layer under the full softmax: the forward's pass over W also gives
         # what dh needs, and backward reads no chunk of W (flowkern/head.py).
-        ctx.product = from_head and normalize == "full" and ctx.needs_input_grad[4] \
-            and not any(ctx.needs_input_grad[5:7])
+        ctx.product = from_head and normalize == "full" and ctx.needs_input_grad[6] \
+            and not any(ctx.needs_input_grad[7:9])
         pieces = stages.log_probs(*inputs, tokens, walk.nodes, walk.length, trie, normalize, False,
                                   **({"softmax_product": True} if ctx.product else {}))
         log_pi, _, lse = pieces[:3]
         b, t = eager.used_rows(walk.length, tokens.shape[1])
-        source = _head_source(*inputs) if from_head else _logits_source(*inputs)
         _check_finite_log_probs(log_pi[b, t, None], b, t, tokens[b, t], source)
-        total = log_pi.sum(1)
-        if not bool(torch.isfinite(total).all()):
-            row = int((~torch.isfinite(total)).nonzero()[0])
-            raise ValueError(f"{source.at.format(row, ':')} give log-probabilities whose sum overflows {total.dtype}")
         ctx.save_for_backward(tokens, walk.nodes, walk.length, lse, *pieces[3:], *inputs)
         ctx.trie, ctx.normalize, ctx.stages = trie, normalize, stages
-        return total
+        return log_pi
 
     @staticmethod
     def backward(ctx, grad_out):
         tokens, nodes, length, lse, *inputs = ctx.saved_tensors
         product = {"softmax_product": inputs.pop(0)} if ctx.product else {}
-        coefficient = grad_out.to(lse.dtype)[:, None].expand(tokens.shape).contiguous()
+        coefficient = grad_out.to(lse.dtype).contiguous()
         stage_args = (tokens, nodes, length, ctx.trie, lse, coefficient, ctx.normalize, False)
         if len(inputs) == 3:
-            grads = ctx.stages.grad(*inputs, *stage_args, *ctx.needs_input_grad[5:7], **product)
+            grads = ctx.stages.grad(*inputs, *stage_args, *ctx.needs_input_grad[7:9], **product)
         else:
             logits = inputs[0]
             grads = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device),)
             ctx.stages.logits_grad(logits, *stage_args, grads[0])
-        return (None,) * 4 + tuple(grads)
+        return (None,) * 6 + tuple(grads)
 
 
 def modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, *, reduction="mean", granularity=1):

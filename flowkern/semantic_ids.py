@@ -10,8 +10,8 @@ iterations from a seeded `torch.Generator`; a cluster left empty is re-seeded at
 farthest from its centroid).  A last level tells apart the items whose codes still collide:
 the j-th item (in id order) sharing a prefix gets code j.  Item i becomes the text
 "<a_12><b_3><c_40><d_0>", one new token per code: `add_code_tokens` appends the
-vocabulary of (levels + 1) × codebook_size tokens to the LLM, so the trie of items is the
-trie of these texts.  A few thousand items × 64 dimensions is small: plain torch in float64
+vocabulary of (levels + 1) × codebook_size tokens to the LLM (rows drawn on the scale of the
+old ones), so the trie of items is the trie of these texts.  A few thousand items × 64 dimensions is small: plain torch in float64
 on the CPU, no faiss or scikit-learn.
 
 The embeddings come from the collaborative model (`sasrec_item_embeddings`) or from the
@@ -258,10 +258,22 @@ class CodeTokenizer:
         self.semantic_ids.save(directory, first_id=self.first_id)
 
 
-def add_code_tokens(model, tokenizer, semantic_ids: SemanticIDs) -> CodeTokenizer:
-    """Append the code tokens after every id the model or the tokenizer already has; the new
-    embedding rows start at the old rows' mean (transformers' mean_resizing; a tied head follows)."""
+def add_code_tokens(model, tokenizer, semantic_ids: SemanticIDs, seed: int = 0) -> CodeTokenizer:
+    """Append the code tokens after every id the model or the tokenizer already has.  Each new
+    embedding row (and output row, if the head is not tied) is drawn from N(mean, std²) of the
+    old rows, per dimension, from a generator seeded with `seed`: on the old rows' scale, and
+    distinct, so that the model tells the codes apart from its first step (transformers'
+    mean_resizing starts them all at the mean, up to 1e-9)."""
     known = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else len(tokenizer.tokenizer)
     first_id = max(model.get_input_embeddings().num_embeddings, known)
-    model.resize_token_embeddings(first_id + len(semantic_ids.vocabulary()), mean_resizing=True)
+    rows = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(first_id + len(semantic_ids.vocabulary()), mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    tables = {id(table.weight): table.weight for table in (model.get_input_embeddings(), model.get_output_embeddings())
+              if table is not None}
+    with torch.no_grad():
+        for weight in tables.values():
+            old = weight[:rows].double()
+            noise = torch.randn(len(weight) - rows, weight.shape[1], generator=generator, dtype=torch.float64)
+            weight[rows:] = (old.mean(0) + old.std(0) * noise).to(weight)
     return CodeTokenizer(tokenizer, semantic_ids, first_id)

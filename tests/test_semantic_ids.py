@@ -191,8 +191,11 @@ def test_add_code_tokens_grows_the_embeddings_and_the_tied_head(embedded):
     assert tok.first_id == rows == 151_936 and tok.vocab_size == rows + len(vocabulary)
     assert model.get_input_embeddings().num_embeddings == tok.vocab_size
     assert model.get_output_embeddings().weight.shape[0] == tok.vocab_size
-    new = model.get_input_embeddings().weight[rows:]
-    assert torch.isfinite(new).all() and (new != 0).any(1).all()
+    weight = model.get_input_embeddings().weight.detach()
+    old, new = weight[:rows], weight[rows:]
+    assert torch.isfinite(new).all() and len(torch.unique(new, dim=0)) == len(new)  # distinct codes
+    z = (new - old.mean(0)) / old.std(0)  # N(0, 1) if drawn on the old rows' scale, per dimension
+    assert abs(float(z.mean())) < 4 / z.numel() ** 0.5 and abs(float(z.std()) - 1) < 0.1
     assert model(torch.tensor([tok.encode(ids.text(0))])).logits.shape == (1, LEVELS + 1, tok.vocab_size)
     assert tok.name == base.name + " + semantic IDs" and tok.special_ids == base.special_ids
 

@@ -14,7 +14,7 @@ from flowkern.generation import (Children, D3LogitsProcessor, Recommendations, S
 from flowkern.ops import (NONTERMINAL_LOG_REWARD, linear_sequence_log_probs, linear_subtb_loss, modified_subtb_loss,
                           sequence_log_probs, subtb_loss)
 from flowkern.head import LinearHead, linear_head
-from flowkern.losses import LinearSubTBLoss, SubTBLoss
+from flowkern.losses import BalanceLoss, LinearSubTBLoss, SubTBLoss
 from flowkern.semantic_ids import CodeTokenizer, SemanticIDs, add_code_tokens, rq_kmeans
 from flowkern.trie import Trie, TrieWalk
 
@@ -23,7 +23,7 @@ __all__ = ["Trie", "TrieWalk", "subtb_loss", "modified_subtb_loss", "sequence_lo
            "linear_subtb_loss", "linear_sequence_log_probs", "balance_loss", "linear_balance_loss",
            "sample", "Samples", "recommend", "Recommendations", "mask_logits", "children_logits", "Children",
            "TrieLogitsProcessor", "node_log_masses", "D3LogitsProcessor", "SubTBLoss", "LinearSubTBLoss",
-           "linear_head", "LinearHead", "SemanticIDs", "rq_kmeans", "CodeTokenizer", "add_code_tokens",
+           "BalanceLoss", "linear_head", "LinearHead", "SemanticIDs", "rq_kmeans", "CodeTokenizer", "add_code_tokens",
            "FlowerTrainer", "FlowerConfig", "load_task"]
 
 

@@ -62,7 +62,7 @@ def linear_balance_loss(hidden, weight, trie, log_rewards, *, tokens, bias=None,
 
 
 def _balance(log_pi, length, log_rewards, form, log_z, log_flows, reduction):
-    (batch, steps), dtype, device = log_pi.shape, log_pi.dtype, log_pi.device
+    steps, dtype, device = log_pi.shape[1], log_pi.dtype, log_pi.device
     log_rewards = log_rewards.to(dtype)
     if form == "tb":
         loss = (log_z.to(dtype) + log_pi.sum(1) - log_rewards) ** 2

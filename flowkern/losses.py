@@ -1,9 +1,11 @@
-"""The SubTB losses as torch.nn.Modules, for code that composes losses as modules.
+"""The SubTB and GFlowGR losses as torch.nn.Modules, for code that composes losses as modules.
 
     loss_fn = flowkern.SubTBLoss(trie, lam=0.9)
     loss = loss_fn(logits, tokens)                       # = flowkern.subtb_loss(logits, trie, tokens=tokens, lam=0.9)
     loss_fn = flowkern.LinearSubTBLoss(trie)
     loss = loss_fn(hidden, lm_head.weight, tokens)        # no (B, T, V) logits formed
+    loss_fn = flowkern.BalanceLoss(trie, form="tb")
+    loss = loss_fn(logits, tokens, log_rewards, log_z=log_z)   # = flowkern.balance_loss(...)
 
 The options are fixed at construction (those of flowkern.subtb_loss); the trie follows the
 inputs' device (moved once, then kept).
@@ -11,6 +13,7 @@ inputs' device (moved once, then kept).
 
 import torch
 
+from flowkern.balance import balance_loss
 from flowkern.ops import linear_subtb_loss, subtb_loss
 from flowkern.trie import Trie
 
@@ -45,3 +48,12 @@ class LinearSubTBLoss(_TrieLoss):
     def forward(self, hidden, weight, tokens, rewards=None, bias=None):
         return linear_subtb_loss(hidden, weight, self._trie_on(hidden.device), rewards, tokens=tokens, bias=bias,
                                  **self.options)
+
+
+class BalanceLoss(_TrieLoss):
+    """forward(logits (B, T, V), tokens (B, T), log_rewards (B,), log_z=None, log_flows=None) ->
+    flowkern.balance_loss: GFlowGR's TB (log_z) or DB (log_flows), the form fixed at construction."""
+
+    def forward(self, logits, tokens, log_rewards, log_z=None, log_flows=None):
+        return balance_loss(logits, self._trie_on(logits.device), log_rewards, tokens=tokens, log_z=log_z,
+                            log_flows=log_flows, **self.options)

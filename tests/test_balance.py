@@ -187,3 +187,13 @@ def test_a_trajectory_that_leaves_the_trie_is_named():
     with pytest.raises(ValueError, match=r"tokens\[0, 0\] = 3 leaves the trie"):
         flowkern.balance_loss(batch.logits, batch.catalogue.trie(), torch.zeros(2, dtype=torch.float64),
                               tokens=tokens, log_z=torch.zeros(2, dtype=torch.float64))
+
+
+def test_the_module_is_the_function():
+    batch = make_batch(SMALL, [1, 0, 4], seed=14)
+    trie, flows = batch.catalogue.trie(), flows_for(batch, 14)
+    module = flowkern.BalanceLoss(trie, form="db", normalize="full")
+    got = module(batch.logits, batch.tokens, flows["log_rewards"], log_flows=flows["log_flows"])
+    want = flowkern.balance_loss(batch.logits, trie, flows["log_rewards"], tokens=batch.tokens, form="db",
+                                 log_flows=flows["log_flows"], normalize="full")
+    assert torch.equal(got, want) and "form='db'" in repr(module)

@@ -39,27 +39,15 @@ GREEK = str.maketrans({"α": "alpha", "β": "beta", "λ": "lambda"})  # ASCII ru
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="a data directory with history, or a shipped set")
-    parser.add_argument("--name", help="names the runs and the results file (default: the data's name)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser = table_parser(__doc__, os.path.join("runs", "paper"), "one value per grid, one seed, 2 steps, 8 rows")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 2.0, 4.0])
     parser.add_argument("--d3-alphas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--ifair-strengths", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--weights", type=float, nargs="+", default=[1e-3, 1e-2], help="Flower's w")
     parser.add_argument("--granularities", nargs="+", default=["5", "10", "item"])
     parser.add_argument("--lams", type=float, nargs="+", default=[0.9, 0.99])
-    parser.add_argument("--select", default="NDCG@10", help="the valid metric that selects (higher is better)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once")
-    parser.add_argument("--runs", default=os.path.join("runs", "paper"), help="where the run directories go")
-    parser.add_argument("--quick", action="store_true", help="one value per grid, one seed, 2 steps, 8 rows")
-    parser.add_argument("--note", default="", help="a paragraph for the results file")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then arguments for flowkern.train")
-    args = parser.parse_args()
-    extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    args.name = args.name or os.path.basename(os.path.normpath(args.data))
+    args, extra = table_arguments(parser)
     if args.quick:
-        args.seeds, extra = args.seeds[:1], extra + QUICK
         for grid in ("temperatures", "d3_alphas", "ifair_strengths", "weights", "granularities", "lams"):
             setattr(args, grid, getattr(args, grid)[:1])
     env = environment()  # the code that runs is the code at the start
@@ -87,6 +75,31 @@ def main():
         return
     write_results(f"paper-{args.name}", f"The paper's comparison: {args.name}", env, f"{body}\n\n{notes}",
                   [{k: v for k, v in run.items() if k != "directory"} for run in table.finished])
+
+
+def table_parser(doc, runs, quick):
+    """The options every results table shares (its own grids are added by the caller)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="a data directory with history, or a shipped set")
+    parser.add_argument("--name", help="names the runs and the results file (default: the data's name)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--select", default="NDCG@10", help="the valid metric that selects (higher is better)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once")
+    parser.add_argument("--runs", default=runs, help="where the run directories go")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--note", default="", help="a paragraph for the results file")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then arguments for flowkern.train")
+    return parser
+
+
+def table_arguments(parser):
+    """(args, the arguments for every training run); --quick keeps one seed and adds QUICK."""
+    args = parser.parse_args()
+    extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    args.name = args.name or os.path.basename(os.path.normpath(args.data))
+    if args.quick:
+        args.seeds, extra = args.seeds[:1], extra + QUICK
+    return args, extra
 
 
 def _only(grid, chosen):

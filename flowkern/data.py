@@ -127,7 +127,7 @@ def ifair_weights(task) -> np.ndarray:
 
 
 def load_task(path, tokenizer, *, item_noun=None, prompt_template=None, max_history=None,
-              chat_template=False) -> Task:
+              chat_template=False, item_texts=None) -> Task:
     """A directory (with history), a .json of title -> count (history-free), or a shipped
     name (BUILTIN); None: the embedded 100-movie history-free set.
 
@@ -135,7 +135,10 @@ def load_task(path, tokenizer, *, item_noun=None, prompt_template=None, max_hist
     prompt_template:  a text file replacing the prompt; it may use {history} (with history:
                       required), {item}, {items}, {a_item}, {done} and {do}
     max_history:      keep each history's N most recent items (the oldest are dropped)
-    chat_template:    wrap the prompt as a user message in the tokenizer's chat template"""
+    chat_template:    wrap the prompt as a user message in the tokenizer's chat template
+    item_texts:       with history: each item's text in the histories and as the generated
+                      target, by item id (default: its title), e.g. semantic-ID codes
+                      (flowkern.semantic_ids); titles stay the items' names in the metrics"""
     path = resolve(path)
     if max_history is not None and max_history < 1:
         raise DataError(f"max_history must be >= 1, got {max_history}")
@@ -156,7 +159,9 @@ def load_task(path, tokenizer, *, item_noun=None, prompt_template=None, max_hist
 
     eos = _termination_id(tokenizer)
     if mode == "history":
-        return _load_history(path, tokenizer, eos, encode, max_history)
+        return _load_history(path, tokenizer, eos, encode, max_history, item_texts)
+    if item_texts is not None:
+        raise DataError(f"--data {path}: item texts other than the titles (semantic IDs) need a data set with history")
     return _load_history_free(path, tokenizer, eos, encode)
 
 
@@ -261,16 +266,19 @@ def history_counts(num_items, train_rows) -> np.ndarray:
     return counts
 
 
-def _load_history(directory, tokenizer, eos, encode, max_history) -> Task:
+def _load_history(directory, tokenizer, eos, encode, max_history, item_texts) -> Task:
     titles, splits = read_history_data(directory)
     counts = history_counts(len(titles), splits["train"])
-    quoted = [f'"{t}"' for t in titles]
+    if item_texts is not None and len(item_texts) != len(titles):
+        raise DataError(f"{directory}: {len(item_texts)} item texts for the {len(titles)} items of items.tsv")
+    texts = titles if item_texts is None else list(item_texts)
+    quoted = [f'"{t}"' for t in texts]
 
     def examples(rows):
         return [Example(encode(", ".join(quoted[i] for i in history[-max_history if max_history else 0:])), target,
                         tuple(history)) for history, target in rows]
 
-    return Task("history", directory, titles, _tokenise_titles(titles, tokenizer, eos, "items.tsv"), counts + 1.0,
+    return Task("history", directory, titles, _tokenise_titles(texts, tokenizer, eos, "items.tsv"), counts + 1.0,
                 counts, eos, examples(splits["train"]), examples(splits["valid"]), examples(splits["test"]))
 
 

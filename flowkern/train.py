@@ -26,8 +26,8 @@ import torch
 from transformers import TrainerCallback
 
 import flowkern
-from flowkern import plots, sasrec
-from flowkern.data import BUILTIN, DataError, load_preferences, load_task, resolve
+from flowkern import plots, sasrec, semantic_ids
+from flowkern.data import BUILTIN, DataError, load_preferences, load_task, read_history_data, resolve
 from flowkern.models import add_lora, load_model
 from flowkern.trainer import FlowerConfig, FlowerTrainer, ResumeError
 
@@ -49,9 +49,18 @@ class ScriptArguments:
     model: Optional[str] = field(default=None, metadata={
         "help": "nothing (embedded tiny Qwen2), 'smollm2', PATH/FILE.gguf, a model directory or a hub id "
                 "available offline"})
-    objective: Literal["flower", "sft", "ifair"] = field(default="flower", metadata={
+    objective: Literal["flower", "sft", "ifair", "gflowgr"] = field(default="flower", metadata={
         "help": "sft: the BIGRec baseline, w = 0; ifair: IFairLRS, SFT reweighted by popularity group "
-                "(--ifair-strength, default 1)"})
+                "(--ifair-strength, default 1); gflowgr: GFlowGR (--gflowgr-loss tb|db, default tb; needs "
+                "--items semantic)"})
+    items: Literal["titles", "semantic"] = field(default="titles", metadata={
+        "help": "what the model generates: item titles, or semantic IDs (RQ-KMeans codes of item embeddings, added "
+                "to the tokenizer; with history)"})
+    semantic_embeddings: Literal["sasrec", "title"] = field(default="sasrec", metadata={
+        "help": "--items semantic: quantise the SASRec's item embeddings, or the LLM's mean-pooled title embeddings"})
+    semantic_levels: int = field(default=3, metadata={"help": "--items semantic: RQ-KMeans levels (then one level "
+                                                              "that separates colliding items)"})
+    codebook_size: int = field(default=64, metadata={"help": "--items semantic: codes per level"})
     lora_r: Optional[int] = field(default=None, metadata={
         "help": "LoRA rank; 0 trains every weight. Default: 8 for pretrained models, 0 for the embedded one"})
     pref: Optional[Literal["sasrec"]] = field(default=None, metadata={
@@ -94,10 +103,12 @@ def run(argv=None):
         loaded = load_model(script.model, seed=config.seed)
     except ValueError as error:
         raise UsageError(error) from None
+    titles, splits = read_history_data(resolve(script.data)) if os.path.isdir(resolve(script.data)) else (None, None)
+    collaborative = _sasrec(script, config, loaded, titles, splits)
+    codes = _semantic_ids(script, config, loaded, titles, collaborative)
     task = load_task(script.data, loaded.tokenizer, item_noun=script.item_noun,
                      prompt_template=script.prompt_template, max_history=script.max_history,
-                     chat_template=script.chat_template)
-    collaborative = _sasrec(script, config, task)
+                     chat_template=script.chat_template, item_texts=None if codes is None else codes.texts())
     preferences = _preferences(script, config, task, collaborative)
     lora_r = 0 if script.eval_only else script.lora_r if script.lora_r is not None else (8 if loaded.pretrained else 0)
     model = add_lora(loaded.model, lora_r) if lora_r > 0 else loaded.model
@@ -149,21 +160,47 @@ def run(argv=None):
     return trainer
 
 
-def _sasrec(script, config, task):
-    """The SASRec that --pref sasrec or --decode d3 needs (loaded from --pref-model, or trained
-    and cached), or None."""
-    if script.pref != "sasrec" and config.decode != "d3":
+def _sasrec(script, config, loaded, titles, splits):
+    """The SASRec that --pref sasrec, --decode d3, GFlowGR's collaborative signals or SASRec
+    semantic IDs need (loaded from --pref-model, or trained and cached), or None."""
+    gflowgr = config.gflowgr_loss is not None and (config.augment == "cm" or config.reward_weights[1] > 0)
+    semantic = script.items == "semantic" and script.semantic_embeddings == "sasrec" \
+        and not isinstance(loaded.tokenizer, semantic_ids.CodeTokenizer)  # else the model brings its codes
+    if script.pref != "sasrec" and config.decode != "d3" and not gflowgr and not semantic:
         return None
-    splits, device = sasrec.splits_of(task), config.device
+    device = config.device
     if script.pref_model:
-        model, report = sasrec.load(script.pref_model, task.titles, splits, device)
+        model, report = sasrec.load(script.pref_model, titles, splits, device)
     else:
         with config.main_process_first(desc="SASRec"):  # one process trains and caches, the others load it
-            model, report = sasrec.trained(task.titles, splits, sasrec.SASRecConfig(seed=config.seed), device)
+            model, report = sasrec.trained(titles, splits, sasrec.SASRecConfig(seed=config.seed), device)
     sasrec.warn_unless_better(report, lambda line: print(line, file=sys.stderr, flush=True))
     print(f"flowkern.train: SASRec valid NDCG@10 {report['valid']['NDCG@10']:.4f}, test NDCG@10 "
           f"{report['test']['NDCG@10']:.4f}", flush=True)
     return model
+
+
+def _semantic_ids(script, config, loaded, titles, collaborative):
+    """--items semantic: the items' codes, added to `loaded`'s tokenizer and model (a model
+    trained on semantic IDs brings its own codebook); None for titles."""
+    if script.items != "semantic":
+        return None
+    if isinstance(loaded.tokenizer, semantic_ids.CodeTokenizer):
+        codes = loaded.tokenizer.semantic_ids
+        if len(codes.codes) != len(titles):
+            raise UsageError(f"--model {script.model}: its semantic IDs cover {len(codes.codes)} items, the data "
+                             f"{len(titles)}")
+        return codes
+    if script.semantic_embeddings == "sasrec":
+        embeddings = semantic_ids.sasrec_item_embeddings(collaborative)
+    else:
+        embeddings = semantic_ids.title_embeddings(loaded.model, loaded.tokenizer, titles)
+    codes = semantic_ids.SemanticIDs.fit(embeddings, levels=script.semantic_levels, codebook_size=script.codebook_size,
+                                         seed=config.seed)
+    loaded.tokenizer = semantic_ids.add_code_tokens(loaded.model, loaded.tokenizer, codes, seed=config.seed)
+    print(f"flowkern.train: semantic IDs of {len(titles)} items from {script.semantic_embeddings} embeddings, "
+          f"{script.semantic_levels} levels of {script.codebook_size} codes", flush=True)
+    return codes
 
 
 def _preferences(script, config, task, model):
@@ -213,6 +250,8 @@ def parse(argv):
         history = _check(script, values)
         if script.objective in ("sft", "ifair"):
             values["gfn_weight"] = 0.0
+        if script.objective == "gflowgr" and values["gflowgr_loss"] is None:
+            values["gflowgr_loss"] = "tb"
         if script.objective == "ifair" and not values.get("ifair_strength"):
             values["ifair_strength"] = 1.0
         if values["learning_rate"] is None:
@@ -276,6 +315,13 @@ def _check(script, values):
     if script.objective in ("sft", "ifair") and values.get("gfn_weight") not in (None, 0.0):
         raise ValueError(f"--objective {script.objective} trains with w = 0; --gfn-weight {values['gfn_weight']} "
                          f"contradicts it")
+    if values.get("gflowgr_loss") and script.objective != "gflowgr":
+        raise ValueError(f"--gflowgr-loss {values['gflowgr_loss']} is GFlowGR's loss: it needs --objective gflowgr")
+    if script.objective == "gflowgr" and script.items != "semantic":
+        raise ValueError("--objective gflowgr compares items' codes (its prefix reward): it needs --items semantic")
+    if script.objective == "gflowgr" and (script.pref or script.pref_scores):
+        raise ValueError("preference scores personalise Flower's SubTB reward; GFlowGR fuses its own "
+                         "(--reward-weights): drop --pref / --pref-scores")
     if script.objective != "ifair" and values.get("ifair_strength"):
         raise ValueError("--ifair-strength weights IFairLRS's SFT examples: it needs --objective ifair")
     history = os.path.isdir(resolve(script.data))
@@ -285,11 +331,15 @@ def _check(script, values):
                              f"with history")
     if script.pref and script.pref_scores:
         raise ValueError("--pref and --pref-scores both give preference scores: choose one")
+    if script.items == "semantic" and not history:
+        raise ValueError("--items semantic quantises the items of a data set with history: give a directory")
     if values.get("decode") == "d3" and not history:
         raise ValueError("--decode d3 mixes in a SASRec's scores of each row's history: it needs a data set with "
                          "history")
-    if script.pref_model and script.pref != "sasrec" and values.get("decode") != "d3":
-        raise ValueError("--pref-model is the SASRec of --pref sasrec or --decode d3: give one of them")
+    if script.pref_model and script.pref != "sasrec" and values.get("decode") != "d3" \
+            and script.objective != "gflowgr" and script.items != "semantic":
+        raise ValueError("--pref-model is the SASRec of --pref sasrec, --decode d3, --objective gflowgr or --items "
+                         "semantic: give one of them")
     if script.eval_only and (not history or script.resume):
         raise ValueError("--eval-only evaluates a model on valid and test: it needs a data set with history, and "
                          "no --resume")

@@ -6,6 +6,13 @@
     SubTB  flowkern.subtb_loss (Eq. 11) on the model's own trie-constrained rollouts:
            `rollouts` per prompt, each at a temperature drawn from `rollout_temperature`
 
+GFlowGR (arXiv 2506.16114), `gflowgr_loss="tb"|"db"`, replaces the rollouts and SubTB:
+
+    loss = SFT + λ·GFN,  GFN = flowkern.balance_loss over N trajectories per user
+    the ground truth and N − 1 augmented items (flowkern.augment: the user's log, random,
+    a collaborative-model curriculum, or the model's own beam search), each with its fused
+    reward; log Z (TB) or log F(s_t) (DB) from a linear flow head on the hidden states
+
 `compute_loss` holds only that.  The optimiser, schedule and warmup, clipping, gradient
 accumulation, mixed precision, distributed training (accelerate: DDP, DeepSpeed ZeRO-2;
 not FSDP or ZeRO-3, see __init__), checkpointing, `resume_from_checkpoint`, `report_to` and callbacks
@@ -32,6 +39,7 @@ from transformers.trainer_utils import TrainOutput
 
 import flowkern
 from flowkern import checkpoints, metrics
+from flowkern.augment import RewardWeights, augment, curriculum_progress, trajectory_rewards
 from flowkern.data import ifair_weights
 from flowkern.head import linear_head
 from flowkern.models import forward_parameters
@@ -43,9 +51,12 @@ class ResumeError(ValueError):
     """A resume that cannot continue the run as it was: no complete checkpoint, or changed settings."""
 
 
-def default_gfn_weight(task) -> float:
+def default_gfn_weight(task, gflowgr_loss=None) -> float:
     """0.9 history-free (the best of benchmarks/results/train-embedded-history-free-*.md),
-    0.01 with history (the paper's range; w = 0.5 hurt, train-embedded-movies-history-*.md)."""
+    0.01 with history (the paper's range; w = 0.5 hurt, train-embedded-movies-history-*.md);
+    GFlowGR's λ = 1 (the paper's)."""
+    if gflowgr_loss is not None:
+        return 1.0
     return 0.9 if task.mode == "history_free" else 0.01
 
 
@@ -55,7 +66,8 @@ class FlowerConfig(TrainingArguments):
     the paper's recipe or the embedded run needs it (constant learning rate, no decay)."""
 
     gfn_weight: Optional[float] = field(default=None, metadata={
-        "help": "w in (1 − w)·SFT + w·SubTB; 0 is plain SFT. Default: 0.9 history-free, 0.01 with history"})
+        "help": "w in (1 − w)·SFT + w·SubTB; 0 is plain SFT. Default: 0.9 history-free, 0.01 with history. "
+                "GFlowGR: λ >= 0 in SFT + λ·GFN, default 1"})
     lam: float = field(default=1.0, metadata={"help": "SubTB subtrajectory decay λ > 0"})
     granularity: str = field(default="1", metadata={
         "help": "SubTB states every N tokens (paper Fig. 5), or 'item': the first and last only (trajectory balance)"})
@@ -70,6 +82,18 @@ class FlowerConfig(TrainingArguments):
     subtb_params: Literal["all", "body"] = field(default="all", metadata={
         "help": "what the SubTB term trains: every trained weight, or all but the output layer (its weight and "
                 "bias, the input embeddings when tied, get the SFT gradient only; needs the restricted head)"})
+    gflowgr_loss: Optional[Literal["tb", "db"]] = field(default=None, metadata={
+        "help": "GFlowGR instead of Flower: trajectory balance (tb, learned log Z per user) or detailed balance "
+                "(db, learned state flows) over num_trajectories items per user (needs semantic-ID items)"})
+    augment: Literal["logs", "random", "cm", "onpolicy"] = field(default="cm", metadata={
+        "help": "GFlowGR's augmented items: from the user's log, random unobserved, the collaborative model's "
+                "curriculum (easy to hard over training), or the model's own beam search"})
+    num_trajectories: int = field(default=3, metadata={
+        "help": "GFlowGR: trajectories N per user, the ground truth and N − 1 augmented items"})
+    reward_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0], metadata={
+        "help": "GFlowGR: INTERACTION COLLABORATIVE PREFIX weights of the reward's signals "
+                "(flowkern.augment.trajectory_rewards)"})
+    reward_floor: float = field(default=0.01, metadata={"help": "GFlowGR: added to every trajectory's reward"})
     early_stopping_patience: Optional[int] = field(default=None, metadata={
         "help": "stop after N evaluations without a better metric_for_best_model (needs load_best_model_at_end)"})
     sft_normalize: Literal["full", "trie"] = field(default="full", metadata={
@@ -104,8 +128,18 @@ class FlowerConfig(TrainingArguments):
         if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
             self.use_cpu = True  # without it accelerate leaves torchrun's CPU processes unaware of each other
         super().__post_init__()
-        if self.gfn_weight is not None and not 0.0 <= self.gfn_weight <= 1.0:
+        if self.gfn_weight is not None and self.gflowgr_loss is None and not 0.0 <= self.gfn_weight <= 1.0:
             raise ValueError(f"gfn_weight must lie in [0, 1], got {self.gfn_weight}")
+        if self.gfn_weight is not None and not (self.gfn_weight >= 0 and math.isfinite(self.gfn_weight)):
+            raise ValueError(f"gfn_weight must be a finite number >= 0, got {self.gfn_weight}")
+        if self.num_trajectories < 1:
+            raise ValueError(f"num_trajectories must be >= 1, got {self.num_trajectories}")
+        if len(self.reward_weights) != 3:
+            raise ValueError(f"reward_weights needs INTERACTION COLLABORATIVE PREFIX, got {self.reward_weights}")
+        if not self.reward_floor > 0:
+            raise ValueError(f"reward_floor must be > 0 (an augmented item may have every signal 0, and its log "
+                             f"reward would be -inf), got {self.reward_floor}")
+        self.reward_signals()  # raises on a negative or non-finite weight
         if len(self.rollout_temperature) != 2 or not 0 < self.rollout_temperature[0] <= self.rollout_temperature[1]:
             raise ValueError(f"rollout_temperature needs MIN MAX with 0 < MIN <= MAX, got {self.rollout_temperature}")
         if not (self.lam > 0 and math.isfinite(self.lam)):
@@ -130,6 +164,10 @@ class FlowerConfig(TrainingArguments):
             raise ValueError(f"early_stopping_patience must be >= 1 and needs load_best_model_at_end (with an "
                              f"eval_strategy and a metric_for_best_model), got {self.early_stopping_patience}")
 
+    def reward_signals(self) -> RewardWeights:
+        """GFlowGR's reward weights (flowkern.augment.trajectory_rewards)."""
+        return RewardWeights(*self.reward_weights, floor=self.reward_floor)
+
 
 class FlowerTrainer(Trainer):
     """A Trainer whose loss is Flower's and whose evaluation is the paper's metrics.
@@ -141,8 +179,9 @@ class FlowerTrainer(Trainer):
                   a (train rows, items) tensor (flowkern.data.load_preferences), or rows computed
                   when read (flowkern.sasrec.SASRecPreferences): anything with that `shape`
                   whose [row ids] gives those rows' scores
-    collaborative: with decode="d3", histories (lists of item ids) -> (rows, items) scores >= 0
-                  of a collaborative model (flowkern.sasrec.item_probabilities)
+    collaborative: histories (lists of item ids) -> (rows, items) probabilities of a collaborative
+                  model (flowkern.sasrec.item_probabilities): D3's decoding (decode="d3"), and
+                  GFlowGR's curriculum (augment="cm") and reward signal
     Other keyword arguments go to transformers.Trainer (callbacks, processing_class, ...)."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a mean: the Trainer divides by accumulation
@@ -159,7 +198,7 @@ class FlowerTrainer(Trainer):
             raise ValueError("decode='d3' mixes in a collaborative model's scores of each row's history: it needs a "
                              "task with history and `collaborative`")
         if args.gfn_weight is None:
-            args.gfn_weight = default_gfn_weight(task)
+            args.gfn_weight = default_gfn_weight(task, args.gflowgr_loss)
         self.task, self.preferences, self.collaborative = task, preferences, collaborative
         self.example_weights = torch.from_numpy(ifair_weights(task) ** args.ifair_strength) \
             if args.ifair_strength > 0 else None
@@ -167,6 +206,8 @@ class FlowerTrainer(Trainer):
         if args.subtb_params == "body" and self.head is None:
             raise ValueError(f"subtb_params='body' keeps the SubTB gradient out of the output layer, which needs the "
                              f"restricted head; here the full head is used ({self.full_head_because})")
+        self.flow_head = _flow_head(model, self.head, task, args, collaborative) if args.gflowgr_loss else None
+        self.codes = None if self.flow_head is None else torch.tensor(task.item_tokens)  # the prefix reward's
         if args.early_stopping_patience is not None:
             from transformers import EarlyStoppingCallback
 
@@ -190,38 +231,51 @@ class FlowerTrainer(Trainer):
     # ---- training ---------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """(1 − w)·SFT + w·SubTB of one micro-batch: rollouts from the model as it is, then
-        one forward over the ground-truth rows and the rollouts."""
+        """(1 − w)·SFT + w·SubTB (Flower) or SFT + λ·GFN (GFlowGR) of one micro-batch: its
+        trajectories (rollouts from the model as it is, or augmented items), then one forward
+        over the ground-truth rows and those trajectories."""
         task, args, w = self.task, self.args, self.args.gfn_weight
         rows, targets = inputs["rows"].tolist(), inputs["targets"].tolist()
         prompts = [task.train[r].prompt for r in rows]
         continuations = [task.item_tokens[t] + [task.eos_token_id] for t in targets]
-        rollout_prompts, rewards = [], None
-        if w > 0:
+        extra_prompts, rewards = [], None
+        if self.flow_head is not None and w > 0:
+            items, rewards = self._augmented(prompts, rows, targets)
+            extra_prompts = [p for p in prompts for _ in range(args.num_trajectories - 1)]
+            continuations += [task.item_tokens[i] + [task.eos_token_id] for i in items[:, 1:].reshape(-1).tolist()]
+        elif w > 0:
             samples = self._rollouts(prompts)
-            rollout_prompts = [p for p in prompts for _ in range(args.rollouts)]
+            extra_prompts = [p for p in prompts for _ in range(args.rollouts)]
             continuations += [row[:n].tolist() for row, n in zip(samples.tokens.cpu(), samples.lengths.tolist())]
             if self.preferences is not None:
                 rewards = self.preferences[torch.tensor(rows).repeat_interleave(args.rollouts)].to(self.trie.device)
-        scores, tokens = self._score(model, prompts + rollout_prompts, continuations)
+        scores, tokens = self._score(model, prompts + extra_prompts, continuations)
         n = len(prompts)
         log_p = self._sequence_log_probs(scores[:n], tokens[:n], args.sft_normalize)
         if self.example_weights is not None:  # IFairLRS
             log_p = log_p * self.example_weights[targets].to(log_p)
         sft = -log_p.sum() / sum(len(c) for c in continuations[:n])
-        subtb = self._subtb(scores[n:], tokens[n:], rewards) if w > 0 else sft.new_zeros(())
-        loss = (1 - w) * sft + w * subtb
-        self._parts += torch.stack([sft.detach(), subtb.detach(), torch.ones_like(sft)]).double()  # no host sync
-        return (loss, {"sft": sft, "subtb": subtb}) if return_outputs else loss
+        if w == 0:
+            gfn = sft.new_zeros(())
+        elif self.flow_head is not None:  # every trajectory: the ground truth's rows too
+            gfn = self._balance(scores, tokens, rewards)
+        else:
+            gfn = self._subtb(scores[n:], tokens[n:], rewards)
+        loss = sft + w * gfn if self.flow_head is not None else (1 - w) * sft + w * gfn
+        self._parts += torch.stack([sft.detach(), gfn.detach(), torch.ones_like(sft)]).double()  # no host sync
+        return (loss, {"sft": sft, "gfn": gfn}) if return_outputs else loss
 
-    def _rollouts(self, prompts):
-        """`rollouts` trie-constrained samples per prompt, each at its own temperature, from a
-        generator seeded by (seed, step, micro-batch, process): reproducible on resume."""
+    def _generator(self):
+        """A generator seeded by (seed, step, micro-batch, process): reproducible on resume."""
         step, micro = self._micro
         self._micro = (self.state.global_step, micro + 1 if step == self.state.global_step else 0)
         step, micro = self._micro
-        generator = torch.Generator().manual_seed(
+        return torch.Generator().manual_seed(
             self.args.seed * 1_000_003 + step * 101 + micro * 7 + self.args.process_index * 13)
+
+    def _rollouts(self, prompts):
+        """`rollouts` trie-constrained samples per prompt, each at its own temperature."""
+        generator = self._generator()
         low, high = self.args.rollout_temperature
         temperature = low + (high - low) * torch.rand(len(prompts) * self.args.rollouts, generator=generator)
         self.model.eval()
@@ -230,13 +284,35 @@ class FlowerTrainer(Trainer):
         self.model.train()
         return samples
 
+    def _augmented(self, prompts, rows, targets):
+        """GFlowGR's (B, N) items, column 0 the targets, and their (B·N,) log rewards in the order
+        of the trajectories: the targets, then each row's N − 1 augmented items."""
+        task, args = self.task, self.args
+        histories = [list(task.train[r].history) for r in rows]
+        probabilities = None if self.collaborative is None else self.collaborative(histories)
+        proposals = None
+        if args.augment == "onpolicy":
+            self.model.eval()
+            with torch.no_grad():
+                proposals = flowkern.recommend(self.model, prompts, self.trie, k=args.num_trajectories,
+                                               num_beams=max(10, args.num_trajectories), restricted_head=self.head,
+                                               batch_size=args.per_device_eval_batch_size).items.cpu()
+            self.model.train()
+        progress = curriculum_progress(self.state.global_step, self.state.max_steps)
+        items = augment(args.augment, histories, targets, len(task.titles), args.num_trajectories,
+                        generator=self._generator(), scores=probabilities, progress=progress, proposals=proposals)
+        rewards = trajectory_rewards(items, histories, self.codes, args.reward_signals(), probabilities)
+        log_rewards = torch.cat([rewards[:, 0], rewards[:, 1:].reshape(-1)]).log()
+        return items, log_rewards.to(self.trie.device)
+
     def log(self, logs, start_time=None):
-        """The Trainer's logs, with the SFT and SubTB terms averaged over the micro-batches
+        """The Trainer's logs, with the SFT and SubTB (or TB, DB) terms averaged over the micro-batches
         since the last log and over the processes."""
         if "loss" in logs:
             parts = self.accelerator.reduce(self._parts, reduction="sum").cpu()
             if parts[2] > 0:
-                logs["sft"], logs["subtb"] = float(parts[0] / parts[2]), float(parts[1] / parts[2])
+                logs["sft"] = float(parts[0] / parts[2])
+                logs[self.args.gflowgr_loss or "subtb"] = float(parts[1] / parts[2])
             self._parts.zero_()
         super().log(logs, start_time)
 
@@ -296,6 +372,14 @@ class FlowerTrainer(Trainer):
             weight, bias = weight.detach(), None if bias is None else bias.detach()
         return flowkern.linear_subtb_loss(scores, weight, self.trie, rewards, bias=bias, **options)
 
+    def _balance(self, hidden, tokens, log_rewards):
+        """GFlowGR's TB or DB over the trie policy; the flow head reads the same hidden states:
+        at the prompt's end (log Z, TB) or at every state (log F(s_t), DB)."""
+        flows = self.flow_head(hidden).squeeze(-1).float()
+        flow = {"log_z": flows[:, 0]} if self.args.gflowgr_loss == "tb" else {"log_flows": flows}
+        return flowkern.linear_balance_loss(hidden, self.head.weight, self.trie, log_rewards, tokens=tokens,
+                                            bias=self.head.bias, form=self.args.gflowgr_loss, **flow)
+
     # ---- evaluation: the paper's metrics --------------------------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -348,7 +432,7 @@ class FlowerTrainer(Trainer):
         from accelerate.utils import gather_object
 
         task, args = self.task, self.args
-        prompt, device = task.train[0].prompt, self.trie.device
+        prompt = task.train[0].prompt
         exact = torch.zeros(len(task.titles), dtype=torch.float64)
         for start in range(0, len(task.titles), 32):
             items = list(range(start, min(start + 32, len(task.titles))))
@@ -400,6 +484,9 @@ class FlowerTrainer(Trainer):
                 "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
                 "world_size": self.args.world_size, "seed": self.args.seed, "gfn_weight": self.args.gfn_weight,
                 "subtb_params": self.args.subtb_params, "granularity": self.args.granularity,
+                "gflowgr_loss": self.args.gflowgr_loss, "augment": self.args.augment,
+                "num_trajectories": self.args.num_trajectories, "reward_weights": self.args.reward_weights,
+                "reward_floor": self.args.reward_floor,
                 "ifair_strength": self.args.ifair_strength, "data": self._fingerprint}
 
     def _check_resume(self, directory):
@@ -456,6 +543,29 @@ class _TrainRows(torch.utils.data.Dataset):
 
 def _collate(features):
     return {name: torch.stack([f[name] for f in features]) for name in ("rows", "targets")}
+
+
+def _flow_head(model, head, task, args, collaborative):
+    """GFlowGR's flow head, a Linear(H, 1) on the hidden states, added to the model (so the
+    Trainer optimises, saves and restores it) unless it has one; checks what GFlowGR needs."""
+    if head is None:
+        raise ValueError("GFlowGR reads log Z and the state flows from the body's hidden states: it needs the "
+                         "restricted head (a plain Linear output layer, without full_head)")
+    if task.mode != "history":
+        raise ValueError("GFlowGR augments each user's trajectories from their history: it needs a task with history")
+    if collaborative is None and (args.augment == "cm" or args.reward_weights[1] > 0):
+        raise ValueError(f"GFlowGR with augment={args.augment!r} and a collaborative reward weight of "
+                         f"{args.reward_weights[1]} needs `collaborative` (a collaborative model's probabilities)")
+    if len({len(tokens) for tokens in task.item_tokens}) != 1:
+        raise ValueError("GFlowGR's prefix reward compares items' codes position by position: it needs items of "
+                         "equal-length codes (semantic IDs, --items semantic), not titles")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "gflowgr_flow"):
+        base.add_module("gflowgr_flow", torch.nn.Linear(head.weight.shape[1], 1, dtype=head.weight.dtype,
+                                                        device=head.weight.device))
+        torch.nn.init.zeros_(base.gflowgr_flow.weight)
+        torch.nn.init.zeros_(base.gflowgr_flow.bias)
+    return base.gflowgr_flow
 
 
 def _output_head(model, full_head):

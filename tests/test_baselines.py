@@ -12,7 +12,8 @@ from flowkern import sasrec
 from flowkern.data import ifair_weights
 from flowkern.train import main
 from tests.strategies import write_dataset
-from tests.test_trainer import common, read, run, tiny_model, train_records  # noqa: F401 (a fixture)
+from tests.test_trainer import (assert_usage_error, common, read, run, tiny_model,  # noqa: F401 (a fixture)
+                                train_records)
 
 
 def test_ifair_weights_by_hand():
@@ -109,11 +110,7 @@ def test_d3_at_alpha_zero_is_beam_search(tmp_path, tiny_model):
     (["--granularity", "items"], "granularity must be an integer >= 1 or 'item', got 'items'"),
 ])
 def test_command_line_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and message in error, error
+    assert_usage_error(argv, message, capsys)
 
 
 def test_the_paper_tables_quick_mode_runs(tmp_path, tiny_model):

@@ -509,7 +509,7 @@ def test_titles_that_are_special_tokens(tmp_path, tiny_model):
     (["--pref-scores", "README.md"], "--pref-scores personalises rewards per training row: it needs a data set"),
     (["--pref", "sasrec"], "--pref personalises rewards per training row: it needs a data set with history"),
     (["--data", "movies", "--pref", "sasrec", "--pref-scores", "README.md"], "--pref and --pref-scores both give"),
-    (["--data", "movies", "--pref-model", "."], "--pref-model is the SASRec of --pref sasrec or --decode d3: give"),
+    (["--data", "movies", "--pref-model", "."], "--pref-model is the SASRec of --pref sasrec, --decode d3, --objective"),
     (["--data", "movies", "--pref", "sasrec", "--pref-model", "nowhere"], "--pref-model nowhere: no such directory"),
     (["--data", "movies", "--pref", "sasrec", "--objective", "sft"], "with w = 0 (SFT) there is none"),
     (["--pref", "cosine"], "argument --pref: invalid choice: 'cosine'"),
@@ -519,6 +519,11 @@ def test_titles_that_are_special_tokens(tmp_path, tiny_model):
     (["--config", "missing.yaml"], "--config missing.yaml: cannot read it"),
 ])
 def test_command_line_errors_are_one_line_and_exit_2(argv, message, capsys):
+    assert_usage_error(argv, message, capsys)
+
+
+def assert_usage_error(argv, message, capsys):
+    """python -m flowkern.train `argv` exits 2 with one line on stderr holding `message`."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2

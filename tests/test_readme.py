@@ -28,6 +28,9 @@ NOT_RUN = {
         "SASRec command line, tests/test_trainer.py the recipe's config file and the sweep's --quick mode",
     "python benchmarks/paper_table.py --data movies --seeds 0 1 -- --max-steps 400 --eval-every 100 \\":
         "an hour and a half of training runs; tests/test_baselines.py runs its --quick mode and each method's option",
+    "python -m flowkern.train --data movies --items semantic --objective sft":
+        "training runs on Movies_and_TV (minutes each) and the table's hour; tests/test_gflowgr.py runs both "
+        "options at small sizes and the table's --quick mode",
 }
 
 
